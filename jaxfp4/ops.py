@@ -1,0 +1,223 @@
+"""The public ops: argument checks (at trace time, naming the argument and the
+rule), then the primitives. One obvious function per operation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfp4 import format as fmt
+from jaxfp4 import reference
+from jaxfp4.primitives.dequantize import dequantize_p
+from jaxfp4.primitives.gemm import PACKING_IDS, gemm_p
+from jaxfp4.primitives.quantize import quantize_p
+from jaxfp4.tensor import NVFP4Tensor, describe
+
+_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
+_FLOAT_NAMES = "float32, bfloat16 or float16"
+
+
+def _check_float_dtype(dtype: Any, arg: str) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{arg} must be a dtype ({_FLOAT_NAMES}), got {dtype!r}") from None
+    if dt not in [np.dtype(d) for d in _FLOATS]:
+        raise TypeError(f"{arg} must be {_FLOAT_NAMES}, got {dt}")
+    return dt
+
+
+def _check_matrix(x: Any, arg: str, what: str) -> None:
+    """x is an array with ndim >= 2 and a float dtype of _FLOATS."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{arg} must be an array {what}, got {type(x).__name__}")
+    _check_float_dtype(x.dtype, f"{arg}.dtype")
+    if x.ndim < 2:
+        raise ValueError(f"{arg} must have rank >= 2 ({what}), got shape {tuple(x.shape)}")
+
+
+def _check_k(k: int, arg: str) -> None:
+    if k % fmt.BLOCK:
+        raise ValueError(f"{arg}: the last axis K={k} must be a multiple of {fmt.BLOCK} "
+                         f"(one E4M3 scale per {fmt.BLOCK} elements)")
+
+
+def _global_scale(global_scale: Any, lead: tuple[int, ...], arg: str = "global_scale") -> jax.Array:
+    g = jnp.asarray(global_scale)
+    if not jnp.issubdtype(g.dtype, jnp.floating):
+        raise TypeError(f"{arg} must be a float32 scalar (the decode scale g), got dtype {g.dtype}")
+    try:
+        shape = np.broadcast_shapes(g.shape, lead)
+    except ValueError:
+        shape = None
+    if shape != tuple(lead):
+        raise ValueError(f"{arg} must be a scalar or have the leading batch shape {lead} "
+                         f"(one decode scale per batch entry), got shape {g.shape}")
+    return jnp.broadcast_to(g.astype(jnp.float32), lead)
+
+
+def _check_tensor(t: Any, arg: str) -> NVFP4Tensor:
+    if not isinstance(t, NVFP4Tensor):
+        raise TypeError(f"{arg} must be an NVFP4Tensor (see jaxfp4.quantize), got {describe(t)}")
+    return t
+
+
+# ---- quantize / dequantize -----------------------------------------------------
+
+def quantize(x: jax.Array, global_scale: Any = None, *, sf_layout: str = "128x4") -> NVFP4Tensor:
+    """Quantizes x [..., M, K] (float32/bfloat16/float16, K % 16 == 0) to NVFP4.
+
+    Args:
+      x: the values; blocks of 16 run along the last axis.
+      global_scale: the decode scale g (x ~= e2m1 * SF * g), a float32 scalar or
+        one per leading batch entry; None computes g = amax / (6 * 448) from the
+        finite amax per batch entry.
+      sf_layout: layout of the block scales: "128x4" (CUTLASS/cuBLASLt), "8x4"
+        (the small-batch layout: 8-row padding instead of 128) or "linear".
+    """
+    _check_matrix(x, "x", "[..., M, K]")
+    _check_k(x.shape[-1], "x")
+    fmt.check_sf_layout(sf_layout)
+    lead = tuple(x.shape[:-2])
+    if global_scale is None:
+        data, scales, g = quantize_p.bind(x, sf_layout=sf_layout, dynamic=True)
+    else:
+        g = _global_scale(global_scale, lead)
+        data, scales = quantize_p.bind(x, g, sf_layout=sf_layout, dynamic=False)
+    return NVFP4Tensor(data, scales, g, sf_layout)
+
+
+def dequantize(t: NVFP4Tensor, dtype: Any = jnp.float32) -> jax.Array:
+    """x_hat = e2m1(q) * SF * g computed in float32, returned as `dtype`."""
+    t = _plain(_check_tensor(t, "t"))
+    dt = _check_float_dtype(dtype, "dtype")
+    (out,) = dequantize_p.bind(t.data, t.scales, t.global_scale, sf_layout=t.sf_layout, dtype=dt)
+    return out
+
+
+# ---- GEMM ----------------------------------------------------------------------
+
+def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, out_dtype: Any = jnp.bfloat16) -> jax.Array:
+    """a @ b.T with NVFP4 weights b [..., N, K] (K-major, the checkpoint orientation).
+
+    a is an NVFP4Tensor [..., M, K] (W4A4: both operands 4-bit) or a
+    bfloat16/float16/float32 array [..., M, K] (W4A16: weight-only). Leading
+    batch axes broadcast (numpy rules). Returns [..., M, N] in `out_dtype`,
+    accumulated in float32 (nvfp4-spec.md section 4).
+    """
+    b = _check_tensor(b, "b")
+    out_dt = _check_float_dtype(out_dtype, "out_dtype")
+    if b.ndim < 2:
+        raise ValueError(f"b must have rank >= 2 ([..., N, K]), got {describe(b)}")
+    n, k = b.shape[-2:]
+    w4a4 = isinstance(a, NVFP4Tensor)
+    if w4a4:
+        _plain(a, "a (activations)")
+    else:
+        _check_matrix(a, "a", "[..., M, K] activations, or an NVFP4Tensor")
+    ka = a.shape[-1]
+    if ka != k:
+        raise ValueError(f"a and b must share K: a is {describe(a)} (K={ka}), b is {describe(b)} (K={k})")
+    a_lead, b_lead = tuple(a.shape[:-2]), tuple(b.shape[:-2])
+    try:
+        lead = np.broadcast_shapes(a_lead, b_lead)
+    except ValueError:
+        raise ValueError(f"the leading batch axes of a {a_lead} and b {b_lead} do not broadcast") from None
+    m = a.shape[-2]
+
+    params = dict(b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dt)
+    if not w4a4 and not any(d != 1 for d in b_lead):
+        # Shared weights: fold a's batch axes into M so the weights stream once.
+        a2 = a.reshape(-1, m, k) if a_lead else a[None]
+        (out,) = gemm_p.bind(a2.reshape(1, -1, k), *_with_rank(b, 1), mode="w4a16",
+                             a_sf_layout=None, **params)
+        return out.reshape(*lead, m, n)
+    rank = len(lead)
+    b_ops = _with_rank(b, rank)
+    if w4a4:
+        (out,) = gemm_p.bind(*_with_rank(a, rank), *b_ops, mode="w4a4", a_sf_layout=a.sf_layout, **params)
+    else:
+        a2 = a.reshape((1,) * (rank - len(a_lead)) + a.shape)
+        (out,) = gemm_p.bind(a2, *b_ops, mode="w4a16", a_sf_layout=None, **params)
+    return out
+
+
+def _with_rank(t: NVFP4Tensor, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(data, scales, g) with size-1 axes prepended up to `rank` batch axes."""
+    extra = rank - len(t.batch_shape)
+    grow = lambda x: x.reshape((1,) * extra + x.shape)
+    return grow(t.data), grow(t.scales), grow(t.global_scale)
+
+
+def _plain(t: NVFP4Tensor, arg: str = "t") -> NVFP4Tensor:
+    """Validates a tensor's static fields; unpacks pre-packed weights where an op needs plain ones."""
+    fmt.check_sf_layout(t.sf_layout, f"{arg}.sf_layout")
+    if t.packing is not None:
+        if arg.startswith("a"):
+            raise ValueError(f"{arg} must not be pre-packed: prepare_weights is for the weight operand b")
+        return unprepare_weights(t)
+    return t
+
+
+# ---- weight pre-packing ------------------------------------------------------------
+
+def prepare_weights(t: NVFP4Tensor, *, packing: str = "sm90") -> NVFP4Tensor:
+    """Repacks weights [..., N, K] offline into the order the GPU kernel loads
+    fastest (exact and reversible: `unprepare_weights`). Use the result as
+    matmul's b on any platform; do it once at load time, not per step."""
+    t = _check_tensor(t, "t")
+    if packing not in PACKING_IDS or packing is None:
+        raise ValueError(f"packing must be one of {[p for p in PACKING_IDS if p]}, got {packing!r}")
+    if t.packing is not None:
+        return t if t.packing == packing else prepare_weights(unprepare_weights(t), packing=packing)
+    from jaxfp4 import packing as packing_mod
+    n, k = t.shape[-2:]
+    data, scales = packing_mod.pack_weights(t.data, t.scales, t.sf_layout)
+    return NVFP4Tensor(data, scales, t.global_scale, t.sf_layout, packing=packing, packed_shape=(n, k))
+
+
+def unprepare_weights(t: NVFP4Tensor) -> NVFP4Tensor:
+    """The plain (checkpoint-order) tensor of pre-packed weights."""
+    t = _check_tensor(t, "t")
+    if t.packing is None:
+        return t
+    from jaxfp4 import packing as packing_mod
+    n, k = t.packed_shape
+    data, scales = packing_mod.unpack_weights(t.data, t.scales, n, k, t.sf_layout)
+    return NVFP4Tensor(data, scales, t.global_scale, t.sf_layout)
+
+
+# ---- interchange with jnp.float4_e2m1fn (jax.nn.scaled_matmul, qwix) -------------------
+
+def to_scaled_matmul_operands(t: NVFP4Tensor) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(data float4_e2m1fn [..., M, K], scales float8_e4m3fn LINEAR [..., M, K/16],
+    global_scale float32 [...]), exact. For jax.nn.scaled_matmul multiply its
+    output by g_a * g_b."""
+    t = _plain(_check_tensor(t, "t"))
+    m, k = t.shape[-2:]
+    values = reference.e2m1_decode(reference.unpack_codes(t.data))
+    return (values.astype(jnp.float4_e2m1fn), fmt.unswizzle(t.scales, m, k, t.sf_layout), t.global_scale)
+
+
+def from_float4(data_f4: jax.Array, scales: jax.Array, global_scale: Any = 1.0, *,
+                sf_layout: str = "128x4") -> NVFP4Tensor:
+    """The NVFP4Tensor of float4_e2m1fn data [..., M, K] with LINEAR float8_e4m3fn
+    scales [..., M, K/16] and decode scale g (exact)."""
+    if getattr(data_f4, "dtype", None) != jnp.float4_e2m1fn:
+        raise TypeError(f"data_f4 must have dtype float4_e2m1fn, got {getattr(data_f4, 'dtype', type(data_f4))}")
+    if getattr(scales, "dtype", None) != jnp.float8_e4m3fn:
+        raise TypeError(f"scales must have dtype float8_e4m3fn, got {getattr(scales, 'dtype', type(scales))}")
+    if data_f4.ndim < 2:
+        raise ValueError(f"data_f4 must have rank >= 2 ([..., M, K]), got shape {data_f4.shape}")
+    *lead, m, k = data_f4.shape
+    _check_k(k, "data_f4")
+    if tuple(scales.shape) != (*lead, m, k // fmt.BLOCK):
+        raise ValueError(f"scales must be LINEAR with shape {(*lead, m, k // fmt.BLOCK)} "
+                         f"for data_f4 {tuple(data_f4.shape)}, got {tuple(scales.shape)}")
+    fmt.check_sf_layout(sf_layout)
+    codes = reference.e2m1_encode(data_f4.astype(jnp.float32))
+    return NVFP4Tensor(reference.pack_codes(codes), fmt.swizzle(scales, sf_layout),
+                       _global_scale(global_scale, tuple(lead)), sf_layout)

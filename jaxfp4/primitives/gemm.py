@@ -1,0 +1,119 @@
+"""gemm_p: out [*L, M, N] = A [*La, M, K] @ B [*Lb, N, K]^T with NVFP4 scaling.
+
+Operands: mode "w4a4": (a_data, a_scales, a_g, b_data, b_scales, b_g);
+mode "w4a16": (a, b_data, b_scales, b_g). Leading batch axes have equal rank
+and broadcast (each dim equal or 1). Params: mode, a_sf_layout (None for
+w4a16), b_sf_layout, b_packing (None or a jaxfp4.packing name), b_shape (the
+logical (N, K) of b), out_dtype.
+
+Kernel choice (cuda): the small-M FFI kernel for M <= SMALL_M_MAX tokens;
+beyond that, until a large-M kernel lands, XLA's bf16/f16 GEMM on exactly
+dequantized operands (exact products, float32 accumulation: the same function).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax.core import ShapedArray
+
+from jaxfp4 import format as fmt
+from jaxfp4 import reference
+from jaxfp4.primitives import _common
+
+gemm_p = _common.define("jaxfp4_gemm")
+
+SMALL_M_MAX = 32  # the small-M kernel's design point (decode batch sizes)
+# b_packing name -> the FFI `b_packing` attribute (csrc/README.md).
+PACKING_IDS = {None: 0, "sm90": 1}
+
+
+def _split(args, mode):
+    return (args[:3], args[3:]) if mode == "w4a4" else (args[:1], args[1:])
+
+
+def _abstract_eval(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
+    a_group, (_, _, b_g) = _split(args, mode)
+    a_lead = a_group[2].shape if mode == "w4a4" else a_group[0].shape[:-2]
+    m = a_group[0].shape[-2]
+    lead = _common.broadcast_batch(a_lead, b_g.shape)
+    return [ShapedArray((*lead, m, b_shape[0]), np.dtype(out_dtype))]
+
+
+def _plain_b(b_data, b_scales, *, b_packing, b_shape, b_sf_layout):
+    if b_packing is None:
+        return b_data, b_scales
+    from jaxfp4 import packing
+    return packing.unpack_weights(b_data, b_scales, b_shape[0], b_shape[1], b_sf_layout)
+
+
+def _reference(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
+    a_group, (b_data, b_scales, b_g) = _split(args, mode)
+    b_data, b_scales = _plain_b(b_data, b_scales, b_packing=b_packing, b_shape=b_shape,
+                                b_sf_layout=b_sf_layout)
+    if mode == "w4a4":
+        out = reference.gemm_w4a4(*a_group, b_data, b_scales, b_g, a_sf_layout=a_sf_layout,
+                                  b_sf_layout=b_sf_layout, out_dtype=out_dtype)
+    else:
+        out = reference.gemm_w4a16(a_group[0], b_data, b_scales, b_g, b_sf_layout=b_sf_layout,
+                                   out_dtype=out_dtype)
+    return (out,)
+
+
+def _xla_dequant_dot(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
+    """The spec's GEMM through XLA's tensor-core GEMM: operands dequantized to
+    bf16 (or the activations' f16) exactly, float32 accumulation."""
+    a_group, (b_data, b_scales, b_g) = _split(args, mode)
+    b_data, b_scales = _plain_b(b_data, b_scales, b_packing=b_packing, b_shape=b_shape,
+                                b_sf_layout=b_sf_layout)
+    if mode == "w4a4":
+        a_data, a_scales, a_g = a_group
+        dt = jnp.bfloat16
+        a = reference.dequantize_unscaled(a_data, a_scales, a_sf_layout).astype(dt)
+        g = a_g.astype(jnp.float32) * b_g
+    else:
+        a, g, dt = a_group[0], b_g, a_group[0].dtype
+    w = reference.dequantize_unscaled(b_data, b_scales, b_sf_layout).astype(dt)
+    acc = jnp.matmul(a, jnp.swapaxes(w, -1, -2), preferred_element_type=jnp.float32)
+    return ((g[..., None, None] * acc).astype(out_dtype),)
+
+
+def _unpack_then_gemm(*args, **params):
+    """Pre-packed weights on a platform whose handler takes plain ones."""
+    n_a = 3 if params["mode"] == "w4a4" else 1
+    b_data, b_scales = _plain_b(*args[n_a:n_a + 2], b_packing=params["b_packing"],
+                                b_shape=params["b_shape"], b_sf_layout=params["b_sf_layout"])
+    return gemm_p.bind(*args[:n_a], b_data, b_scales, args[-1], **{**params, "b_packing": None})
+
+
+def _choose(platform, avals_in, params):
+    if platform != "cuda":
+        return ("unpack + gemm", _unpack_then_gemm) if params["b_packing"] is not None else None
+    m = avals_in[0].shape[-2]
+    if params["mode"] == "w4a16" and avals_in[0].dtype == np.float32:
+        return "reference (float32 activations)", _reference
+    if m > SMALL_M_MAX:
+        return "xla_dequant_dot (M > %d)" % SMALL_M_MAX, _xla_dequant_dot
+    return None
+
+
+def _native(platform, params):
+    attrs = {"b_sf_layout": _common.i32(fmt.SF_LAYOUT_IDS[params["b_sf_layout"]]),
+             "b_packing": _common.i32(PACKING_IDS[params["b_packing"]])}
+    if params["mode"] == "w4a4":
+        attrs["a_sf_layout"] = _common.i32(fmt.SF_LAYOUT_IDS[params["a_sf_layout"]])
+        return "jaxfp4_gemm_w4a4", attrs
+    return "jaxfp4_gemm_w4a16", attrs
+
+
+def _batch(args, dims, **params):
+    size = _common.batch_size(args, dims)
+    n_a = 3 if params["mode"] == "w4a4" else 1
+    a = _common.batch_group(args[:n_a], dims[:n_a], size)
+    b = _common.batch_group(args[n_a:], dims[n_a:], size)
+    return gemm_p.bind(*a, *b, **params), [0]
+
+
+gemm_p.def_abstract_eval(_abstract_eval)
+_common.register_lowerings(gemm_p, op="gemm", native=_native, reference=_reference, choose=_choose)
+_common.register_batcher(gemm_p, _batch)
