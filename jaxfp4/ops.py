@@ -30,13 +30,17 @@ def _check_float_dtype(dtype: Any, arg: str) -> np.dtype:
     return dt
 
 
-def _check_matrix(x: Any, arg: str, what: str) -> None:
-    """x is an array with ndim >= 2 and a float dtype of _FLOATS."""
+def _check_matrix(x: Any, arg: str, what: str) -> jax.Array:
+    """x as a jax array with ndim >= 2 and a float dtype of _FLOATS (numpy input
+    is canonicalized like jnp does: float64 becomes float32 unless x64 is on)."""
+    if isinstance(x, np.ndarray):
+        x = jnp.asarray(x)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{arg} must be an array {what}, got {type(x).__name__}")
     _check_float_dtype(x.dtype, f"{arg}.dtype")
     if x.ndim < 2:
         raise ValueError(f"{arg} must have rank >= 2 ({what}), got shape {tuple(x.shape)}")
+    return x
 
 
 def _check_k(k: int, arg: str) -> None:
@@ -78,7 +82,7 @@ def quantize(x: jax.Array, global_scale: Any = None, *, sf_layout: str = "128x4"
       sf_layout: layout of the block scales: "128x4" (CUTLASS/cuBLASLt), "8x4"
         (the small-batch layout: 8-row padding instead of 128) or "linear".
     """
-    _check_matrix(x, "x", "[..., M, K]")
+    x = _check_matrix(x, "x", "[..., M, K]")
     _check_k(x.shape[-1], "x")
     fmt.check_sf_layout(sf_layout)
     lead = tuple(x.shape[:-2])
@@ -117,7 +121,7 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, out_dtype: Any = jnp.b
     if w4a4:
         _plain(a, "a (activations)")
     else:
-        _check_matrix(a, "a", "[..., M, K] activations, or an NVFP4Tensor")
+        a = _check_matrix(a, "a", "[..., M, K] activations, or an NVFP4Tensor")
     ka = a.shape[-1]
     if ka != k:
         raise ValueError(f"a and b must share K: a is {describe(a)} (K={ka}), b is {describe(b)} (K={k})")

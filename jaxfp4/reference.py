@@ -63,7 +63,11 @@ def dynamic_global_scale(x: jax.Array) -> jax.Array:
     """g = (largest finite |x| over the last two axes) / 2688, or 1 when that is 0."""
     x = x.astype(_F32)
     amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=(-2, -1))
-    return jnp.where(amax == 0, jnp.float32(1.0), amax / jnp.float32(fmt.DYNAMIC_DIVISOR))
+    # XLA rewrites division by a constant as multiplication by its (rounded)
+    # reciprocal, which is not the spec's float32 division. A divisor XLA
+    # cannot prove constant (amax is never negative) keeps a true division.
+    divisor = jnp.where(amax < 0, jnp.float32(1.0), jnp.float32(fmt.DYNAMIC_DIVISOR))
+    return jnp.where(amax == 0, jnp.float32(1.0), amax / divisor)
 
 
 def quantize(x: jax.Array, global_scale: jax.Array | None = None, *, sf_layout: str = "128x4"):

@@ -1,0 +1,139 @@
+"""The public ops on the CPU (native FFI handlers) against the oracle."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxfp4
+from jaxfp4 import format as fmt
+
+import oracle
+from data import edge_blocks, random_matrix
+
+MS = [1, 7, 8, 9, 127, 129, 300]
+KS = [16, 48, 272]
+
+
+def _u8(x):
+    return np.asarray(x).view(np.uint8)
+
+
+def _assert_matches_oracle(t, x, g, layout):
+    want = oracle.quantize(np.asarray(x, np.float32), g, layout)
+    np.testing.assert_array_equal(np.asarray(t.data), want[0])
+    np.testing.assert_array_equal(_u8(t.scales), want[1])
+    np.testing.assert_array_equal(np.asarray(t.global_scale), want[2])
+
+
+def test_native_cpu_handlers_are_built_and_used():
+    info = jaxfp4.backend_info()
+    assert info["extension"] == "loaded", info["extension"]
+    assert {"jaxfp4_quantize", "jaxfp4_gemm_w4a4", "jaxfp4_gemm_w4a16"} <= set(info["targets"]["cpu"])
+    x = jnp.ones((4, 32), jnp.float32)
+    jax.block_until_ready(jaxfp4.matmul(x, jaxfp4.quantize(x)))
+    info = jaxfp4.backend_info()
+    assert info["lowered"]["quantize[cpu]"] == "jaxfp4_quantize_dynamic"
+    assert info["lowered"]["gemm[cpu]"] == "jaxfp4_gemm_w4a16"
+    assert info["kernels_run"]["gemm"] == "cpu"
+
+
+@pytest.mark.parametrize("layout", fmt.SF_LAYOUTS)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("k", KS)
+def test_quantize_ragged(rng, layout, m, k):
+    x = random_matrix(rng, (m, k))
+    _assert_matches_oracle(jaxfp4.quantize(x, sf_layout=layout), x, None, layout)
+    g = np.float32(rng.uniform(1e-3, 1.0))
+    _assert_matches_oracle(jaxfp4.quantize(x, g, sf_layout=layout), x, g, layout)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("layout", fmt.SF_LAYOUTS)
+def test_quantize_dtypes_and_batch(rng, dtype, layout):
+    x = random_matrix(rng, (2, 3, 9, 48)).astype(dtype)
+    _assert_matches_oracle(jaxfp4.quantize(x, sf_layout=layout), x, None, layout)
+    g = rng.uniform(1e-3, 1.0, size=(2, 3)).astype(np.float32)
+    t = jaxfp4.quantize(x, g, sf_layout=layout)
+    assert t.shape == x.shape and t.batch_shape == (2, 3)
+    _assert_matches_oracle(t, x, g, layout)
+
+
+@pytest.mark.parametrize("layout", fmt.SF_LAYOUTS)
+def test_quantize_edge_cases(layout):
+    x = edge_blocks(64)
+    _assert_matches_oracle(jaxfp4.quantize(x, 1.0, sf_layout=layout), x, np.float32(1.0), layout)
+    _assert_matches_oracle(jaxfp4.quantize(x, sf_layout=layout), x, None, layout)
+    _assert_matches_oracle(jaxfp4.quantize(x, 1e-7, sf_layout=layout), x, np.float32(1e-7), layout)
+
+
+@pytest.mark.parametrize("layout", fmt.SF_LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dequantize(rng, layout, dtype):
+    x = np.concatenate([random_matrix(rng, (2, 129, 48)), np.broadcast_to(edge_blocks(48)[:2], (2, 2, 48))], 1)
+    t = jaxfp4.quantize(x, sf_layout=layout)
+    got = np.asarray(jaxfp4.dequantize(t, dtype))
+    want = oracle.dequantize_f64(np.asarray(t.data), _u8(t.scales), np.asarray(t.global_scale), layout)
+    np.testing.assert_array_equal(got, want.astype(np.float32).astype(got.dtype))
+    np.testing.assert_array_equal(got, np.asarray(jaxfp4.reference.dequantize(
+        t.data, t.scales, t.global_scale, sf_layout=layout, dtype=dtype)))
+
+
+def _weights(rng, shape, layout="128x4"):
+    return jaxfp4.quantize(random_matrix(rng, shape), sf_layout=layout)
+
+
+def _values(t, with_g=False):
+    return oracle.dequantize_f64(np.asarray(t.data), _u8(t.scales), np.asarray(t.global_scale), t.sf_layout,
+                                 with_g=with_g)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n,k", [(1, 16), (37, 48), (130, 272)])
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_matmul_w4a4_ragged(rng, m, n, k, out_dtype):
+    a = jaxfp4.quantize(random_matrix(rng, (m, k)), sf_layout="8x4" if m <= 32 else "128x4")
+    b = _weights(rng, (n, k))
+    out = jaxfp4.matmul(a, b, out_dtype=out_dtype)
+    assert out.shape == (m, n) and out.dtype == out_dtype
+    g = np.asarray(a.global_scale, np.float64) * np.asarray(b.global_scale, np.float64)
+    oracle.assert_gemm_close(out, *oracle.gemm_f64(_values(a), _values(b), g), k)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_matmul_w4a16(rng, m, dtype, out_dtype):
+    n, k = 45, 272
+    a = random_matrix(rng, (m, k), spread=2).astype(dtype)
+    b = _weights(rng, (n, k), "linear")
+    out = jaxfp4.matmul(a, b, out_dtype=out_dtype)
+    ref = oracle.gemm_f64(np.asarray(a).astype(np.float64), _values(b), np.asarray(b.global_scale))
+    oracle.assert_gemm_close(out, *ref, k)
+
+
+def test_matmul_batched_and_broadcast(rng):
+    k = 48
+    a = jaxfp4.quantize(random_matrix(rng, (3, 1, 5, k)), sf_layout="8x4")   # [3, 1, 5, K]
+    b = _weights(rng, (4, 6, k))                                            # [4, 6, K] -> broadcast [3, 4]
+    out = jaxfp4.matmul(a, b, out_dtype=jnp.float32)
+    assert out.shape == (3, 4, 5, 6)
+    g = np.asarray(a.global_scale, np.float64) * np.asarray(b.global_scale, np.float64)
+    oracle.assert_gemm_close(out, *oracle.gemm_f64(_values(a), _values(b), g), k)
+    x = random_matrix(rng, (2, 3, 5, k)).astype(ml_dtypes.bfloat16)       # shared weights: folded into M
+    w = _weights(rng, (6, k))
+    out = jaxfp4.matmul(x, w, out_dtype=jnp.float32)
+    assert out.shape == (2, 3, 5, 6)
+    oracle.assert_gemm_close(out, *oracle.gemm_f64(x.astype(np.float64), _values(w), np.asarray(w.global_scale)), k)
+
+
+def test_with_sf_layout_is_exact(rng):
+    x = random_matrix(rng, (2, 33, 80))
+    t = jaxfp4.quantize(x, sf_layout="128x4")
+    for layout in fmt.SF_LAYOUTS:
+        u = t.with_sf_layout(layout)
+        assert u.sf_layout == layout and u.shape == t.shape
+        np.testing.assert_array_equal(np.asarray(jaxfp4.dequantize(u)), np.asarray(jaxfp4.dequantize(t)))
+        direct = jaxfp4.quantize(x, sf_layout=layout)
+        np.testing.assert_array_equal(_u8(u.scales), _u8(direct.scales))
