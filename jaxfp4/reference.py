@@ -83,8 +83,12 @@ def quantize(x: jax.Array, global_scale: jax.Array | None = None, *, sf_layout: 
     gs = (jnp.float32(1.0) / g)[..., None, None]
 
     blocks = x.reshape(*lead, m, k // fmt.BLOCK, fmt.BLOCK)
-    vmax = jnp.max(jnp.abs(blocks), axis=-1)              # NaN propagates
-    sf = e4m3_satfinite(gs * (vmax * fmt.RECIP6))
+    # XLA's vectorized CPU max drops NaN on large reductions: restore it.
+    vmax = jnp.max(jnp.abs(blocks), axis=-1)
+    vmax = jnp.where(jnp.any(jnp.isnan(blocks), axis=-1), jnp.float32(jnp.nan), vmax)
+    # The barrier keeps XLA from reassociating gs * (vmax * R6) into
+    # vmax * (gs * R6), which rounds differently.
+    sf = e4m3_satfinite(gs * lax.optimization_barrier(vmax * fmt.RECIP6))
     sf_f = sf.astype(_F32)
     out_scale = jnp.where(sf_f == 0, jnp.float32(0.0),
                           jnp.float32(1.0) / (sf_f * (jnp.float32(1.0) / gs)))

@@ -92,3 +92,21 @@ def test_gemm_reference_matches_float64(rng, a_layout, b_layout, out_dtype):
     a16 = a.astype(ml_dtypes.bfloat16)
     out16 = reference.gemm_w4a16(jnp.asarray(a16), *qb, b_sf_layout=b_layout, out_dtype=out_dtype)
     oracle.assert_gemm_close(out16, *oracle.gemm_f64(a16.astype(np.float64), bv, np.asarray(qb[2])), k)
+
+
+def test_nan_block_in_a_large_tensor():
+    # XLA's vectorized CPU max reduction drops NaN from 256 rows of blocks up.
+    x = np.ones((300, 64), np.float32)
+    x[257, 17] = np.nan
+    _, scales, _ = reference.quantize(jnp.asarray(x), jnp.float32(1.0), sf_layout="linear")
+    lin = _u8(scales)
+    assert lin[257, 1] == 0x7F and (np.delete(lin.ravel(), 257 * 4 + 1) != 0x7F).all()
+
+
+def test_block_scale_is_not_reassociated():
+    # gs * (vmax * R6) and vmax * (gs * R6) differ by an ulp here, flipping SF.
+    g = np.frombuffer(np.uint32(0x41C2AAAB).tobytes(), np.float32)[0]
+    x = np.zeros((1, 16), np.float32)
+    x[0, 0] = 7.12890625
+    _, scales, _ = reference.quantize(jnp.asarray(x), jnp.float32(g), sf_layout="linear")
+    assert _u8(scales)[0, 0] == oracle.quantize(x, g, "linear")[1][0, 0] == 0x15

@@ -43,7 +43,7 @@ inline bool make_batch_map(const int64_t* a_dims, const int64_t* b_dims, int ran
   for (int d = rank - 1; d >= 0; --d) {
     const int64_t a = a_dims[d], b = b_dims[d];
     if (a != b && a != 1 && b != 1) return false;
-    m.out_dims[d] = a > b ? a : b;
+    m.out_dims[d] = a == 1 ? b : a;  // numpy: (0, 1) -> 0
     m.a_strides[d] = a == 1 ? 0 : sa;
     m.b_strides[d] = b == 1 ? 0 : sb;
     sa *= a;
