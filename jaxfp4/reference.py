@@ -90,8 +90,9 @@ def quantize(x: jax.Array, global_scale: jax.Array | None = None, *, sf_layout: 
     # vmax * (gs * R6), which rounds differently.
     sf = e4m3_satfinite(gs * lax.optimization_barrier(vmax * fmt.RECIP6))
     sf_f = sf.astype(_F32)
-    out_scale = jnp.where(sf_f == 0, jnp.float32(0.0),
-                          jnp.float32(1.0) / (sf_f * (jnp.float32(1.0) / gs)))
+    # 1 / gs is not g in float32; the barrier stops XLA from simplifying it so.
+    inv_gs = jnp.float32(1.0) / lax.optimization_barrier(gs)
+    out_scale = jnp.where(sf_f == 0, jnp.float32(0.0), jnp.float32(1.0) / (sf_f * inv_gs))
     codes = e2m1_encode(blocks * out_scale[..., None]).reshape(*lead, m, k)
     return pack_codes(codes), fmt.swizzle(sf, sf_layout), g
 
