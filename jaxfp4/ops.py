@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfp4 import format as fmt
+from jaxfp4 import packing as packing_mod
 from jaxfp4 import reference
 from jaxfp4.primitives.dequantize import dequantize_p
 from jaxfp4.primitives.gemm import PACKING_IDS, gemm_p
@@ -177,7 +178,6 @@ def prepare_weights(t: NVFP4Tensor, *, packing: str = "sm90") -> NVFP4Tensor:
         raise ValueError(f"packing must be one of {[p for p in PACKING_IDS if p]}, got {packing!r}")
     if t.packing is not None:
         return t if t.packing == packing else prepare_weights(unprepare_weights(t), packing=packing)
-    from jaxfp4 import packing as packing_mod
     n, k = t.shape[-2:]
     data, scales = packing_mod.pack_weights(t.data, t.scales, t.sf_layout)
     return NVFP4Tensor(data, scales, t.global_scale, t.sf_layout, packing=packing, packed_shape=(n, k))
@@ -188,7 +188,6 @@ def unprepare_weights(t: NVFP4Tensor) -> NVFP4Tensor:
     t = _check_tensor(t, "t")
     if t.packing is None:
         return t
-    from jaxfp4 import packing as packing_mod
     n, k = t.packed_shape
     data, scales = packing_mod.unpack_weights(t.data, t.scales, n, k, t.sf_layout)
     return NVFP4Tensor(data, scales, t.global_scale, t.sf_layout)

@@ -128,8 +128,8 @@ def assert_gemm_close(out, ref, absref, k: int) -> None:
     fi = ml_dtypes.finfo(out.dtype)
     edge = float(fi.max) + 2.0 ** (fi.maxexp - 1 - fi.nmant) / 2
     must_inf = np.abs(ref) - tol > edge
-    may_inf = (np.abs(ref) + tol >= edge) & (o == np.sign(ref) * np.inf)
-    assert (o[must_inf] == np.sign(ref[must_inf]) * np.inf).all(), "overflow must round to inf"
+    may_inf = (np.abs(ref) + tol >= edge) & (o == np.copysign(np.inf, ref))
+    assert (o[must_inf] == np.copysign(np.inf, ref[must_inf])).all(), "overflow must round to inf"
     keep = ~(must_inf | may_inf)
     o, ref, tol = o[keep], ref[keep], tol[keep]
     bad = np.abs(o - ref) > tol

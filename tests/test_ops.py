@@ -31,8 +31,9 @@ def test_native_cpu_handlers_are_built_and_used():
     info = jaxfp4.backend_info()
     assert info["extension"] == "loaded", info["extension"]
     assert {"jaxfp4_quantize", "jaxfp4_gemm_w4a4", "jaxfp4_gemm_w4a16"} <= set(info["targets"]["cpu"])
-    x = jnp.ones((4, 32), jnp.float32)
-    jax.block_until_ready(jaxfp4.matmul(x, jaxfp4.quantize(x)))
+    with jax.default_device(jax.devices("cpu")[0]):
+        x = jnp.ones((4, 32), jnp.float32)
+        jax.block_until_ready(jaxfp4.matmul(x, jaxfp4.quantize(x)))
     info = jaxfp4.backend_info()
     assert info["lowered"]["quantize[cpu]"] == "jaxfp4_quantize_dynamic"
     assert info["lowered"]["gemm[cpu]"] == "jaxfp4_gemm_w4a16"

@@ -18,14 +18,14 @@ import numpy as np
 from jax.core import ShapedArray
 
 from jaxfp4 import format as fmt
-from jaxfp4 import reference
+from jaxfp4 import packing, reference
 from jaxfp4.primitives import _common
 
 gemm_p = _common.define("jaxfp4_gemm")
 
 SMALL_M_MAX = 32  # the small-M kernel's design point (decode batch sizes)
 # b_packing name -> the FFI `b_packing` attribute (csrc/README.md).
-PACKING_IDS = {None: 0, "sm90": 1}
+PACKING_IDS = {None: 0, "sm90": packing.PACKING_SM90}
 
 
 def _split(args, mode):
@@ -43,7 +43,6 @@ def _abstract_eval(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, ou
 def _plain_b(b_data, b_scales, *, b_packing, b_shape, b_sf_layout):
     if b_packing is None:
         return b_data, b_scales
-    from jaxfp4 import packing
     return packing.unpack_weights(b_data, b_scales, b_shape[0], b_shape[1], b_sf_layout)
 
 

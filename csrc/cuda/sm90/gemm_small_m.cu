@@ -1,0 +1,1111 @@
+// Small-M NVFP4 GEMM for Hopper (sm_90a; also builds for sm_100a): the FFI
+// handlers of `jaxfp4_gemm_w4a16` and `jaxfp4_gemm_w4a4` (csrc/README.md),
+// out[m, n] = g * sum_k a[m, k] * (e2m1(q[n, k]) * SF[n, k/16])  (spec section 4).
+//
+// Decode (M = 1..32 tokens) is bound by reading the weights, 0.5625 byte per
+// element. The kernel streams them once, dequantizes in registers and feeds
+// mma.sync m16n8k16 (bf16 or f16 operands, float32 accumulation) with the
+// WEIGHTS as the 16-row A operand and the TOKENS on the 8-wide side
+// (out^T = W A^T): one n8 tile for M <= 8, two for M <= 16, four for M <= 32;
+// larger M loops over 32-token tiles (grid.y). Every dequantized weight
+// fragment is used by all the token tiles of the launch.
+//
+// Work decomposition. A "group" is kTPW = 2 row tiles (32 weight rows). The
+// grid is persistent (about one CTA per SM, grid.y over 32-token tiles,
+// grid.z over the output batch): each CTA walks a balanced contiguous range of
+// groups, and its warps split K: warp w owns the same chunks of 64 elements
+// in every group. Per chunk and tile, lane (g = lane/4, t = lane%4) holds rows
+// g and g+8, elements 16t .. 16t+15 of the chunk: exactly one scale block per
+// row, 32 codes = 16 bytes. mma step s (0..3) of the chunk uses the lane's
+// elements 4s .. 4s+3 (a permutation of K inside the chunk, applied to both
+// operands alike). At the end of a group the warps' float32 partial sums are
+// added in warp order through shared memory (deterministic; no global
+// workspace, no atomics) and stored.
+// Loads in flight: packed weights go through a per-warp ring of kStages
+// shared-memory stages filled by cp.async (16-byte copies, no registers held);
+// plain weights through a register ring of kDepth chunks; activations (L2
+// hits, the same chunks for every group) through a small register ring.
+//
+// Dequantization is exact: E2M1 x E4M3 fits bf16 and fp16.
+//   bf16: the nibble's bits s|e1e0m placed at bf16 bits 15|8..6 are the value
+//         times 2^-126 (the subnormal code 0.5 included); times
+//         S = SF * 2^119 (float32 -> bf16, exact, NaN kept) gives
+//         e2m1 * SF * 2^-7.
+//   fp16: bits 15|11..9 are the value times 2^-14; S = SF * 2^7 (exact in
+//         fp16, <= 57344) gives e2m1 * SF * 2^-7 again.
+// The epilogue multiplies by 2^7 * g_b (W4A4: 2^14 * g_a * g_b, as the
+// activations are dequantized the same way) and rounds once to the output type.
+//
+// Weight orders (attribute b_packing):
+//   0  plain checkpoint order: data [*Lb, N, K/2] (element 2j in the low
+//      nibble), scales [*Lb, ...] in b_sf_layout. Each lane loads 8 bytes per
+//      row per chunk; an mma register holds elements (j, j+4) of a 32-bit word
+//      (4 shifts/masks per register), the activations are permuted to match.
+//   1  jaxfp4.packing's sm90 order (see jaxfp4/packing.py): data
+//      [*Lb, ceil(N/16), 8*Kp], scales [*Lb, ceil(N/16), Kp] with
+//      Kp = ceil(K/64)*64; one 16-byte load per lane per tile and chunk holds
+//      exactly its A fragments for 4 mma steps, with sign and magnitude bits
+//      placed so that a bf16x2 register costs 2.75 integer ops on average, and
+//      the activations need no permutation. Rows and K are zero-padded, so
+//      the hot loop has no guards.
+//
+// W4A4: the activation codes are dequantized per lane in registers the same
+// way (their scales read through sf_offset, any of the three layouts).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "jaxfp4/batch.h"
+#include "jaxfp4/format.h"
+#include "jaxfp4/registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jaxfp4 {
+namespace sm90_gemm {
+
+constexpr int kChunk = 64;        // K elements per chunk
+constexpr int kTPW = 2;           // 16-row tiles per warp
+constexpr int kPackedChunkBytes = 512;   // codes of one tile x chunk (sm90 packing)
+constexpr int kPackedScaleBytes = 64;    // scales of one tile x chunk (sm90 packing)
+
+enum OutType : int { kOutF32 = 0, kOutBF16 = 1, kOutF16 = 2 };
+
+struct Params {
+  const void* a;            // W4A16: T [*La, M, K]; W4A4: U8 codes [*La, M, K/2]
+  const uint8_t* a_sf;      // W4A4: scales of a
+  const float* a_g;         // W4A4: [*La]
+  const uint8_t* b;         // plain [*Lb, N, K/2] or packed [*Lb, T, 8 Kp]
+  const uint8_t* b_sf;      // plain (b_sf_layout) or packed [*Lb, T, Kp]
+  const float* b_g;         // [*Lb]
+  void* out;                // [*L, M, N]
+  int32_t out_type;
+  int32_t M, N, K, C;       // C = K / 16
+  int32_t tiles, chunks;    // ceil(N/16), ceil(K/64)
+  int32_t chunks_per_warp;
+  int32_t a_sf_layout, b_sf_layout;
+  int64_t a_stride;         // per batch entry: elements (W4A16) or bytes (W4A4)
+  int64_t a_sf_stride;      // bytes per batch entry (W4A4)
+  int64_t b_stride, b_sf_stride;  // bytes per batch entry
+  int64_t a_sf_cstride, b_sf_cstride;  // scale offset step of one chunk (4 blocks)
+  BatchMap map;
+};
+
+// ---- device helpers -----------------------------------------------------------
+
+// Streamed weights: read once, so no L1 allocation; 256-byte L2 prefetch.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint2 ld_stream8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint2 ld_stream8_pred(const void* p, bool pred) {
+  uint2 v = make_uint2(0, 0);
+  asm volatile(
+      "{ .reg .pred q; setp.ne.b32 q, %3, 0;\n"
+      "  @q ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2]; }"
+      : "+r"(v.x), "+r"(v.y)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t ld_stream_u16(const void* p) {
+  uint16_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t ld_u8(const void* p) {
+  uint16_t v;
+  asm volatile("ld.global.nc.u8 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t ld_u8_pred(const void* p, bool pred) {
+  uint16_t v = 0;
+  asm volatile(
+      "{ .reg .pred q; setp.ne.b32 q, %2, 0;\n"
+      "  @q ld.global.nc.u8 %0, [%1]; }"
+      : "+h"(v)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+// Activations: re-read from L2 by every CTA, so allocate in L1 too.
+__device__ __forceinline__ uint4 ld_act16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint4 ld_act16_pred(const void* p, bool pred) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  asm volatile(
+      "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
+      "  @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4]; }"
+      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+__device__ __forceinline__ uint2 ld_act8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint2 ld_act8_pred(const void* p, bool pred) {
+  uint2 v = make_uint2(0, 0);
+  asm volatile(
+      "{ .reg .pred q; setp.ne.b32 q, %3, 0;\n"
+      "  @q ld.global.nc.v2.u32 {%0, %1}, [%2]; }"
+      : "+r"(v.x), "+r"(v.y)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint4 lds128(uint32_t a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint32_t lds_u16(uint32_t a) {
+  uint16_t v;
+  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(a) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// Two E4M3 bytes (low byte first) -> f16x2, exact (NaN stays NaN).
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t v) {
+  uint32_t d;
+  const uint16_t h = static_cast<uint16_t>(v);
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(d) : "h"(h));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float hi, float lo) {
+  uint32_t d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b);
+template <>
+__device__ __forceinline__ uint32_t mul2<__nv_bfloat16>(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+template <>
+__device__ __forceinline__ uint32_t mul2<__half>(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                          uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int S>
+__device__ __forceinline__ uint32_t shift(uint32_t x) {
+  if constexpr (S >= 0) {
+    return x << S;
+  } else {
+    return x >> (-S);
+  }
+}
+
+// One bf16x2/f16x2 register of raw codes: the magnitude bits shifted by MS,
+// the sign bits by SS, into the target positions of the element type.
+template <bool F16, int MS, int SS>
+__device__ __forceinline__ uint32_t take(uint32_t x) {
+  constexpr uint32_t kSign = 0x80008000u;
+  constexpr uint32_t kMag = F16 ? 0x0E000E00u : 0x01C001C0u;
+  if constexpr (MS == SS) {
+    return shift<MS>(x) & (kMag | kSign);
+  } else {
+    return (shift<MS>(x) & kMag) | (shift<SS>(x) & kSign);
+  }
+}
+
+// The 4 code registers of a 32-bit word (times 2^-126 for bf16, 2^-14 for fp16).
+// Packed word: pair p (elements 2p, 2p+1: low / high half) has its magnitude
+// at bits 3p..3p+2 and its sign at bit {13, 12, 15, 14}[p] of each half.
+// Plain word: nibble j at bits 4j; pair p = elements (p, p+4).
+template <bool F16, bool PACKED>
+__device__ __forceinline__ void codes4(uint32_t x, uint32_t (&r)[4]) {
+  if constexpr (PACKED) {
+    if constexpr (F16) {
+      r[0] = take<true, 9, 2>(x);
+      r[1] = take<true, 6, 3>(x);
+      r[2] = take<true, 3, 0>(x);
+      r[3] = take<true, 0, 1>(x);
+    } else {
+      r[0] = take<false, 6, 2>(x);
+      r[1] = take<false, 3, 3>(x);
+      r[2] = take<false, 0, 0>(x);
+      r[3] = take<false, -3, 1>(x);
+    }
+  } else {
+    if constexpr (F16) {
+      r[0] = take<true, 9, 12>(x);
+      r[1] = take<true, 5, 8>(x);
+      r[2] = take<true, 1, 4>(x);
+      r[3] = take<true, -3, 0>(x);
+    } else {
+      r[0] = take<false, 6, 12>(x);
+      r[1] = take<false, 2, 8>(x);
+      r[2] = take<false, -2, 4>(x);
+      r[3] = take<false, -6, 0>(x);
+    }
+  }
+}
+
+// Scale pair (byte 0: row g, byte 1: row g+8) -> per-row broadcast multipliers
+// S = SF * 2^119 (bf16) or SF * 2^7 (fp16).
+template <typename T>
+__device__ __forceinline__ void scale_pair(uint32_t sf2, uint32_t& s0, uint32_t& s1);
+template <>
+__device__ __forceinline__ void scale_pair<__nv_bfloat16>(uint32_t sf2, uint32_t& s0, uint32_t& s1) {
+  const uint32_t h = e4m3x2_to_f16x2(sf2);
+  const __half2 hh = *reinterpret_cast<const __half2*>(&h);
+  const float f0 = __low2float(hh) * 0x1p119f;
+  const float f1 = __high2float(hh) * 0x1p119f;
+  s0 = pack_bf16x2(f0, f0);
+  s1 = pack_bf16x2(f1, f1);
+}
+template <>
+__device__ __forceinline__ void scale_pair<__half>(uint32_t sf2, uint32_t& s0, uint32_t& s1) {
+  const uint32_t h = mul2<__half>(e4m3x2_to_f16x2(sf2), 0x58005800u);  // * 2^7
+  s0 = prmt(h, h, 0x1010);
+  s1 = prmt(h, h, 0x3232);
+}
+
+// ---- the kernel -----------------------------------------------------------------
+
+// Tuning knobs (overridable for experiments): weight chunks in flight per
+// warp, activation chunks in flight (L2 hits), warps (K slices) per CTA.
+#ifndef JAXFP4_GEMM_DEPTH
+#define JAXFP4_GEMM_DEPTH 4
+#endif
+#ifndef JAXFP4_GEMM_WARPS_N8
+#define JAXFP4_GEMM_WARPS_N8 16
+#endif
+#ifndef JAXFP4_GEMM_STAGES
+#define JAXFP4_GEMM_STAGES 8
+#endif
+constexpr int kStages = JAXFP4_GEMM_STAGES;  // packed order: cp.async stages per warp
+template <int NT, bool PACKED>
+struct Cfg {
+  // Plain order: weight ring of kDepth chunks in registers. Packed order:
+  // kStages cp.async stages in shared memory instead (fewer registers, so
+  // more warps and deeper activation look-ahead).
+  static constexpr int kDepth = JAXFP4_GEMM_DEPTH;
+  static constexpr int kActDepth = PACKED ? (NT == 4 ? 2 : 4) : (NT == 4 ? 1 : 2);
+  static constexpr int kMaxWarps =
+      NT == 1 ? JAXFP4_GEMM_WARPS_N8 : (PACKED ? (NT == 2 ? 16 : 12) : (NT == 2 ? 12 : 8));
+};
+template <typename T, int NT, bool PACKED, bool A4>
+struct Stage {
+  uint4 w[kTPW];           // codes: words (row g, h0), (row g, h1), (row g+8, h0), (row g+8, h1)
+  uint32_t sf[kTPW];       // scale bytes: row g | row g+8 << 8
+};
+
+template <int NT, bool A4>
+struct ActStage {
+  uint4 act[NT][A4 ? 1 : 2];  // A16: 8 words (16 elements); A4: .x/.y codes, .z scale byte
+};
+
+template <typename T, int NT, bool PACKED, bool A4>
+__global__ void __launch_bounds__(Cfg<NT, PACKED>::kMaxWarps * 32, 1)
+    gemm_small_m_kernel(const __grid_constant__ Params p) {
+  constexpr bool kF16 = std::is_same<T, __half>::value;
+  constexpr int D = Cfg<NT, PACKED>::kDepth;
+  constexpr int DA = Cfg<NT, PACKED>::kActDepth;
+  static_assert(D % DA == 0, "the activation ring must divide the weight ring");
+  using St = Stage<T, NT, PACKED, A4>;
+  using At = ActStage<NT, A4>;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nwarps = blockDim.x >> 5;
+  const int64_t z = blockIdx.z;
+  const int64_t ia = p.map.a_index(z), ib = p.map.b_index(z);
+  const int m0 = blockIdx.y * (8 * NT);
+  // This CTA's tile groups (kTPW tiles each): a balanced contiguous share.
+  const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
+  const int g_begin = static_cast<int>(static_cast<int64_t>(blockIdx.x) * groups / gridDim.x);
+  const int ngroups = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * groups / gridDim.x) - g_begin;
+  // Per group, warp w owns chunks c0 .. c0 + cpw - 1; a group is spg slots
+  // (cpw rounded up to D) so that groups start at a multiple of D slots.
+  const int cpw = p.chunks_per_warp;
+  const int spg = (cpw + D - 1) / D * D;
+  const int c0 = warp * cpw;
+
+  // ---- activation pointers at chunk c0 (the same for every group) -------------------
+  const uint8_t* ap[NT];
+  const uint8_t* asp[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    // Tokens past M read token M-1: only their own output columns see them.
+    const int64_t mm = min(m0 + 8 * nt + g, p.M - 1);
+    if constexpr (A4) {
+      ap[nt] = static_cast<const uint8_t*>(p.a) + ia * p.a_stride + mm * (p.K / 2) + static_cast<int64_t>(c0) * 32 +
+               t * 8;
+      asp[nt] = p.a_sf + ia * p.a_sf_stride + sf_offset(static_cast<SfLayout>(p.a_sf_layout), mm, t, p.C) +
+                static_cast<int64_t>(c0) * p.a_sf_cstride;
+    } else {
+      ap[nt] = static_cast<const uint8_t*>(p.a) +
+               (ia * p.a_stride + mm * p.K + static_cast<int64_t>(c0) * kChunk + t * 16) * 2;
+      asp[nt] = nullptr;
+    }
+  }
+
+  // ---- weight pointers at chunk c0 of the group being issued ---------------------------
+  const uint8_t* const b_base = p.b + ib * p.b_stride;
+  const uint8_t* const bsf_base = p.b_sf + ib * p.b_sf_stride;
+  // Rows past N (and the second tile of an odd last group) read a clamped valid
+  // row instead: their outputs are never stored, and loads stay unpredicated.
+  const uint8_t* wp[kTPW][PACKED ? 1 : 2];
+  const uint8_t* sp[kTPW][PACKED ? 1 : 2];
+  auto set_group = [&](int grp) {
+#pragma unroll
+    for (int tp = 0; tp < kTPW; ++tp) {
+      const int tile = min(grp * kTPW + tp, p.tiles - 1);
+      if constexpr (PACKED) {
+        const int64_t tc = static_cast<int64_t>(tile) * p.chunks + c0;
+        wp[tp][0] = b_base + tc * kPackedChunkBytes + lane * 16;
+        sp[tp][0] = bsf_base + tc * kPackedScaleBytes;  // the tile's 64 scale bytes of chunk c0
+      } else {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t n = min(tile * 16 + g + 8 * r, p.N - 1);
+          wp[tp][r] = b_base + n * (p.K / 2) + static_cast<int64_t>(c0) * 32 + t * 8;
+          sp[tp][r] = bsf_base + sf_offset(static_cast<SfLayout>(p.b_sf_layout), n, t, p.C) +
+                      static_cast<int64_t>(c0) * p.b_sf_cstride;
+        }
+      }
+    }
+  };
+
+  // Issues the weight loads of chunk c0 + i (slot i of the current group) into st.
+  // TAIL: the last chunk of a K that is not a multiple of 64; lanes whose block
+  // is past K load zeros (plain order; the packed order is zero-padded).
+  auto issue = [&](St& st, int i, auto tail) {
+    constexpr bool kTail = decltype(tail)::value;
+    [[maybe_unused]] const bool blk_ok = !kTail || 4 * (c0 + i) + t < p.C;
+#pragma unroll
+    for (int tp = 0; tp < kTPW; ++tp) {
+      if constexpr (PACKED) {
+        st.w[tp] = ld_stream16(wp[tp][0] + static_cast<int64_t>(i) * kPackedChunkBytes);
+        st.sf[tp] = ld_stream_u16(sp[tp][0] + static_cast<int64_t>(i) * kPackedScaleBytes + lane * 2);
+      } else {
+        uint2 w0, w1;
+        uint32_t s0, s1;
+        const int64_t wo = static_cast<int64_t>(i) * 32, so = static_cast<int64_t>(i) * p.b_sf_cstride;
+        if constexpr (kTail) {
+          w0 = ld_stream8_pred(wp[tp][0] + wo, blk_ok);
+          w1 = ld_stream8_pred(wp[tp][1] + wo, blk_ok);
+          s0 = ld_u8_pred(sp[tp][0] + so, blk_ok);
+          s1 = ld_u8_pred(sp[tp][1] + so, blk_ok);
+        } else {
+          w0 = ld_stream8(wp[tp][0] + wo);
+          w1 = ld_stream8(wp[tp][1] + wo);
+          s0 = ld_u8(sp[tp][0] + so);
+          s1 = ld_u8(sp[tp][1] + so);
+        }
+        st.w[tp] = make_uint4(w0.x, w0.y, w1.x, w1.y);
+        st.sf[tp] = s0 | (s1 << 8);
+      }
+    }
+  };
+  // Issues the activation loads of slot i (chunk c0 + i; the same for every group).
+  auto issue_act = [&](At& at, int i, auto tail) {
+    constexpr bool kTail = decltype(tail)::value;
+    const bool blk_ok = !kTail || 4 * (c0 + i) + t < p.C;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if constexpr (A4) {
+        const uint8_t* q = ap[nt] + static_cast<int64_t>(i) * 32;
+        const uint8_t* sf = asp[nt] + static_cast<int64_t>(i) * p.a_sf_cstride;
+        const uint2 v = kTail ? ld_act8_pred(q, blk_ok) : ld_act8(q);
+        const uint32_t sc = kTail ? ld_u8_pred(sf, blk_ok) : ld_u8(sf);
+        at.act[nt][0] = make_uint4(v.x, v.y, sc, 0);
+      } else {
+        const uint8_t* q = ap[nt] + static_cast<int64_t>(i) * (kChunk * 2);
+        at.act[nt][0] = kTail ? ld_act16_pred(q, blk_ok) : ld_act16(q);
+        at.act[nt][1] = kTail ? ld_act16_pred(q + 16, blk_ok) : ld_act16(q + 16);
+      }
+    }
+  };
+  const int tail_chunk = (p.K % kChunk) ? p.chunks - 1 : -1;  // chunk that needs the TAIL loads
+  using Tail = std::true_type;
+  using NoTail = std::false_type;
+  auto issue_w = [&](St& st, int i) {
+    if (c0 + i == tail_chunk) {
+      issue(st, i, Tail{});
+    } else {
+      issue(st, i, NoTail{});
+    }
+  };
+  auto issue_a = [&](At& at, int i) {
+    if (c0 + i == tail_chunk) {
+      issue_act(at, i, Tail{});
+    } else {
+      issue_act(at, i, NoTail{});
+    }
+  };
+
+  float acc[kTPW][NT][4];
+#pragma unroll
+  for (int tp = 0; tp < kTPW; ++tp)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[tp][nt][j] = 0.0f;
+
+  auto compute = [&](const St& st, const At& at) {
+    // B fragments of the 4 mma steps: b[nt][s][0..1].
+    uint32_t b[NT][4][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if constexpr (A4) {
+        uint32_t s0, s1;
+        scale_pair<__nv_bfloat16>(at.act[nt][0].z, s0, s1);
+        const uint32_t words[2] = {at.act[nt][0].x, at.act[nt][0].y};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          uint32_t r[4];
+          codes4<false, false>(words[h], r);  // pairs (j, j+4) of the plain nibble order
+#pragma unroll
+          for (int j = 0; j < 4; ++j) r[j] = mul2<__nv_bfloat16>(r[j], s0);
+          if constexpr (PACKED) {
+            // adjacent pairs (4q+0, 4q+1), (4q+2, 4q+3) for steps 2h, 2h+1
+            b[nt][2 * h][0] = prmt(r[0], r[1], 0x5410);
+            b[nt][2 * h][1] = prmt(r[2], r[3], 0x5410);
+            b[nt][2 * h + 1][0] = prmt(r[0], r[1], 0x7632);
+            b[nt][2 * h + 1][1] = prmt(r[2], r[3], 0x7632);
+          } else {
+            b[nt][2 * h][0] = r[0];
+            b[nt][2 * h][1] = r[1];
+            b[nt][2 * h + 1][0] = r[2];
+            b[nt][2 * h + 1][1] = r[3];
+          }
+        }
+      } else {
+        const uint32_t v[8] = {at.act[nt][0].x, at.act[nt][0].y, at.act[nt][0].z, at.act[nt][0].w,
+                               at.act[nt][1].x, at.act[nt][1].y, at.act[nt][1].z, at.act[nt][1].w};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          if constexpr (PACKED) {
+            b[nt][s][0] = v[2 * s];
+            b[nt][s][1] = v[2 * s + 1];
+          } else {
+            const int h = s >> 1, q = s & 1;
+            b[nt][s][0] = prmt(v[4 * h + q], v[4 * h + q + 2], 0x5410);
+            b[nt][s][1] = prmt(v[4 * h + q], v[4 * h + q + 2], 0x7632);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int tp = 0; tp < kTPW; ++tp) {
+      uint32_t s0, s1;
+      scale_pair<T>(st.sf[tp], s0, s1);
+      const uint32_t words[4] = {st.w[tp].x, st.w[tp].y, st.w[tp].z, st.w[tp].w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t rg[4], rg8[4];
+        codes4<kF16, PACKED>(words[h], rg);
+        codes4<kF16, PACKED>(words[2 + h], rg8);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const uint32_t a[4] = {mul2<T>(rg[2 * q], s0), mul2<T>(rg8[2 * q], s1), mul2<T>(rg[2 * q + 1], s0),
+                                 mul2<T>(rg8[2 * q + 1], s1)};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816<T>(acc[tp][nt], a, b[nt][2 * h + q][0], b[nt][2 * h + q][1]);
+        }
+      }
+    }
+  };
+
+  // ---- epilogue of one group: reduce the warps' K slices (fixed order), scale, store ----
+  float alpha = p.b_g[ib] * 128.0f;
+  if constexpr (A4) alpha = (p.a_g[ia] * p.b_g[ib]) * 16384.0f;
+  const int64_t out_base = z * static_cast<int64_t>(p.M) * p.N;
+  constexpr int F = kTPW * NT * 4 * 32;  // floats of one warp's partial sums
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* const red = reinterpret_cast<float*>(smem_raw);  // [nwarps][F] (when nwarps > 1)
+
+  auto store = [&](int tile0, int tp, int nt, int j, int ln, float v) {
+    const int n = (tile0 + tp) * 16 + (ln >> 2) + 8 * (j >> 1);
+    const int m = m0 + 8 * nt + 2 * (ln & 3) + (j & 1);
+    if (n < p.N && m < p.M) {
+      const int64_t o = out_base + static_cast<int64_t>(m) * p.N + n;
+      v *= alpha;
+      if (p.out_type == kOutBF16) {
+        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
+      } else if (p.out_type == kOutF16) {
+        static_cast<__half*>(p.out)[o] = __float2half_rn(v);
+      } else {
+        static_cast<float*>(p.out)[o] = v;
+      }
+    }
+  };
+
+  auto finish_group = [&](int jg) {  // jg: the group's index relative to g_begin
+    const int tile0 = (g_begin + jg) * kTPW;
+    if (nwarps == 1) {
+#pragma unroll
+      for (int tp = 0; tp < kTPW; ++tp)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) store(tile0, tp, nt, j, lane, acc[tp][nt][j]);
+    } else {
+#pragma unroll
+      for (int tp = 0; tp < kTPW; ++tp)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) red[warp * F + ((tp * NT + nt) * 4 + j) * 32 + lane] = acc[tp][nt][j];
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < F; idx += blockDim.x) {
+        float v = red[idx];
+        for (int w = 1; w < nwarps; ++w) v += red[w * F + idx];  // fixed order: deterministic
+        const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
+        store(tile0, tp, nt, j, ln, v);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int tp = 0; tp < kTPW; ++tp)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[tp][nt][j] = 0.0f;
+  };
+
+  if (ngroups <= 0) return;  // uniform over the CTA
+  auto slot_ok = [&](int s) { return s < cpw && c0 + s < p.chunks; };
+
+  if constexpr (PACKED) {
+    // ---- packed weights: a per-warp ring of kStages shared-memory stages filled
+    // by cp.async (the loads in flight cost no registers); activations in a
+    // register ring DA slots ahead. Slots run through the CTA's groups in order.
+    constexpr int S = kStages;
+    constexpr int kStageBytes = kTPW * (kPackedChunkBytes + kPackedScaleBytes);
+    const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) +
+                          (nwarps > 1 ? nwarps * F * 4 : 0) + warp * S * kStageBytes;
+    int ig = 0, is = 0, qi = 0;  // issue cursor: group, slot, stage
+    set_group(g_begin);
+    auto issue_next = [&]() {
+      if (ig < ngroups && slot_ok(is)) {
+        const uint32_t dst = ring + qi * kStageBytes;
+#pragma unroll
+        for (int tp = 0; tp < kTPW; ++tp)
+          cp_async16(dst + tp * kPackedChunkBytes + lane * 16, wp[tp][0] + static_cast<int64_t>(is) * kPackedChunkBytes);
+        if (lane < 4 * kTPW) {
+          const int tp = lane >> 2;
+          cp_async16(dst + kTPW * kPackedChunkBytes + tp * kPackedScaleBytes + (lane & 3) * 16,
+                     sp[tp][0] + static_cast<int64_t>(is) * kPackedScaleBytes + (lane & 3) * 16);
+        }
+      }
+      cp_async_commit();  // one group per slot, empty or not: wait_group counts slots
+      qi = qi + 1 == S ? 0 : qi + 1;
+      if (++is == cpw) {
+        is = 0;
+        if (++ig < ngroups) set_group(g_begin + ig);
+      }
+    };
+    const int total = ngroups * cpw;
+    for (int k = 0; k < S; ++k) issue_next();
+    At at[DA];
+#pragma unroll
+    for (int u = 0; u < DA; ++u)
+      if (u < total && slot_ok(u % cpw)) issue_a(at[u], u % cpw);
+    int cg = 0, cs = 0, qc = 0;  // compute cursor: group, slot, stage
+    for (int k = 0; k < total; k += DA) {
+#pragma unroll
+      for (int u = 0; u < DA; ++u) {
+        if (k + u < total) {
+          cp_async_wait<S - 1>();
+          __syncwarp();
+          if (slot_ok(cs)) {
+            const uint32_t src = ring + qc * kStageBytes;
+            St st;
+#pragma unroll
+            for (int tp = 0; tp < kTPW; ++tp) {
+              st.w[tp] = lds128(src + tp * kPackedChunkBytes + lane * 16);
+              st.sf[tp] = lds_u16(src + kTPW * kPackedChunkBytes + tp * kPackedScaleBytes + lane * 2);
+            }
+            compute(st, at[u]);
+          }
+          __syncwarp();  // the stage is read by every lane before it is refilled
+          issue_next();
+          qc = qc + 1 == S ? 0 : qc + 1;
+          if (k + u + DA < total) {  // activations of the slot DA ahead (same slots every group)
+            int sa = cs + DA;
+            while (sa >= cpw) sa -= cpw;
+            if (slot_ok(sa)) issue_a(at[u], sa);
+          }
+          if (++cs == cpw) {
+            cs = 0;
+            finish_group(cg);
+            ++cg;
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();
+  } else {
+    // ---- plain weights: register rings, weights one block of D slots ahead ----
+    St st[D];
+    At at[DA];
+    int ig = 0, is = 0;  // weight issue cursor: group (relative) and slot
+    set_group(g_begin);
+#pragma unroll
+    for (int i = 0; i < D; ++i)
+      if (slot_ok(i)) issue_w(st[i], i);
+#pragma unroll
+    for (int i = 0; i < DA; ++i)
+      if (slot_ok(i)) issue_a(at[i], i);
+    is = D;
+    int cg = 0, cs = 0;  // compute cursor
+    const int blocks = ngroups * (spg / D);
+    for (int blk = 0; blk < blocks; ++blk) {
+      if (is == spg) {
+        is = 0;
+        if (++ig < ngroups) set_group(g_begin + ig);
+      }
+      const bool issuing = ig < ngroups;
+      const bool more = blk + 1 < blocks;  // a later block exists (activation look-ahead may wrap)
+#pragma unroll
+      for (int i = 0; i < D; ++i) {
+        if (slot_ok(cs + i)) compute(st[i], at[i % DA]);
+        if (issuing && slot_ok(is + i)) issue_w(st[i], is + i);
+        int sa = cs + i + DA;  // the slot DA ahead (wraps to the next group's same slots)
+        const bool wrap = sa >= spg;
+        if (wrap) sa -= spg;
+        if ((!wrap || more) && slot_ok(sa)) issue_a(at[i % DA], sa);
+      }
+      is += D;
+      cs += D;
+      if (cs == spg) {
+        cs = 0;
+        finish_group(cg);
+        ++cg;
+      }
+    }
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------
+
+constexpr int kMaxDevices = 64;
+std::atomic<int> g_sms[kMaxDevices];
+
+int sm_count() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    cudaGetLastError();
+    dev = 0;
+  }
+  int n = g_sms[dev].load(std::memory_order_relaxed);
+  if (n <= 0) {
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
+      cudaGetLastError();
+      return 132;
+    }
+    g_sms[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Everything a launch needs besides the kernel choice.
+struct Launch {
+  Params p;
+  int64_t batch = 1;  // output batch entries
+  bool f16 = false;   // fp16 activations (W4A16)
+  bool a4 = false;
+  bool packed = false;
+};
+
+template <typename T, int NT, bool PACKED, bool A4>
+const char* kernel_name() {
+  // Static strings for record_kernel.
+  if constexpr (A4) {
+    if constexpr (NT == 1) return PACKED ? "sm90_gemm_small_m_w4a4_n8_packed" : "sm90_gemm_small_m_w4a4_n8";
+    if constexpr (NT == 2) return PACKED ? "sm90_gemm_small_m_w4a4_n16_packed" : "sm90_gemm_small_m_w4a4_n16";
+    return PACKED ? "sm90_gemm_small_m_w4a4_n32_packed" : "sm90_gemm_small_m_w4a4_n32";
+  } else if constexpr (std::is_same<T, __half>::value) {
+    if constexpr (NT == 1) return PACKED ? "sm90_gemm_small_m_w4a16_f16_n8_packed" : "sm90_gemm_small_m_w4a16_f16_n8";
+    if constexpr (NT == 2)
+      return PACKED ? "sm90_gemm_small_m_w4a16_f16_n16_packed" : "sm90_gemm_small_m_w4a16_f16_n16";
+    return PACKED ? "sm90_gemm_small_m_w4a16_f16_n32_packed" : "sm90_gemm_small_m_w4a16_f16_n32";
+  } else {
+    if constexpr (NT == 1)
+      return PACKED ? "sm90_gemm_small_m_w4a16_bf16_n8_packed" : "sm90_gemm_small_m_w4a16_bf16_n8";
+    if constexpr (NT == 2)
+      return PACKED ? "sm90_gemm_small_m_w4a16_bf16_n16_packed" : "sm90_gemm_small_m_w4a16_bf16_n16";
+    return PACKED ? "sm90_gemm_small_m_w4a16_bf16_n32_packed" : "sm90_gemm_small_m_w4a16_bf16_n32";
+  }
+}
+
+// CTAs of this kernel one SM holds at `threads` threads (cached per thread count).
+template <typename T, int NT, bool PACKED, bool A4>
+int ctas_per_sm(int threads, size_t smem) {
+  static std::atomic<int> cache[Cfg<NT, PACKED>::kMaxWarps + 1];
+  const int w = threads / 32;
+  int n = cache[w].load(std::memory_order_relaxed);
+  if (n <= 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_small_m_kernel<T, NT, PACKED, A4>, threads, smem) !=
+            cudaSuccess ||
+        n <= 0) {
+      cudaGetLastError();
+      n = 1;
+    }
+    cache[w].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+template <typename T, int NT, bool PACKED, bool A4>
+cudaError_t launch_t(Launch L, cudaStream_t stream, const char** name) {
+  Params& p = L.p;
+  const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
+  const int64_t mtiles = (static_cast<int64_t>(p.M) + 8 * NT - 1) / (8 * NT);
+  if (groups > 0x7FFFFFFF || mtiles > 65535 || L.batch > 65535) return cudaErrorInvalidConfiguration;
+  // Warps per CTA split K (all of the CTA's warps work on the same tile group);
+  // a persistent grid of about one wave walks the tile groups.
+  const int64_t chunks = std::max<int32_t>(p.chunks, 1);
+  int64_t nwk = std::min<int64_t>(Cfg<NT, PACKED>::kMaxWarps, chunks);
+  const int64_t cpw = (chunks + nwk - 1) / nwk;
+  nwk = (chunks + cpw - 1) / cpw;
+  p.chunks_per_warp = static_cast<int32_t>(cpw);
+  const int threads = static_cast<int>(nwk) * 32;
+  auto smem_bytes = [](int64_t warps) {
+    size_t b = warps > 1 ? static_cast<size_t>(warps) * kTPW * NT * 4 * 32 * sizeof(float) : 0;
+    if (PACKED) b += static_cast<size_t>(warps) * kStages * kTPW * (kPackedChunkBytes + kPackedScaleBytes);
+    return b;
+  };
+  const size_t smem = smem_bytes(nwk);
+  static std::atomic<bool> smem_set[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    cudaGetLastError();
+    dev = 0;
+  }
+  if (!smem_set[dev].load(std::memory_order_relaxed)) {
+    // Allow the most this kernel can ask for (above the 48 KB default), per device.
+    if (cudaFuncSetAttribute(gemm_small_m_kernel<T, NT, PACKED, A4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem_bytes(Cfg<NT, PACKED>::kMaxWarps))) != cudaSuccess)
+      return cudaGetLastError();
+    smem_set[dev].store(true, std::memory_order_relaxed);
+  }
+  const int64_t slots = static_cast<int64_t>(sm_count()) * ctas_per_sm<T, NT, PACKED, A4>(threads, smem);
+  const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(groups, slots / (mtiles * L.batch)));
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
+  gemm_small_m_kernel<T, NT, PACKED, A4><<<grid, threads, smem, stream>>>(p);
+  *name = kernel_name<T, NT, PACKED, A4>();
+  return cudaGetLastError();
+}
+
+template <typename T, bool PACKED, bool A4>
+cudaError_t launch_nt(const Launch& L, cudaStream_t stream, const char** name) {
+  if (L.p.M <= 8) return launch_t<T, 1, PACKED, A4>(L, stream, name);
+  if (L.p.M <= 16) return launch_t<T, 2, PACKED, A4>(L, stream, name);
+  return launch_t<T, 4, PACKED, A4>(L, stream, name);
+}
+
+// Launches the GEMM described by L (already validated); *name gets the kernel's name.
+cudaError_t launch(const Launch& L, cudaStream_t stream, const char** name) {
+  if (L.a4) {
+    return L.packed ? launch_nt<__nv_bfloat16, true, true>(L, stream, name)
+                    : launch_nt<__nv_bfloat16, false, true>(L, stream, name);
+  }
+  if (L.f16) {
+    return L.packed ? launch_nt<__half, true, false>(L, stream, name)
+                    : launch_nt<__half, false, false>(L, stream, name);
+  }
+  return L.packed ? launch_nt<__nv_bfloat16, true, false>(L, stream, name)
+                  : launch_nt<__nv_bfloat16, false, false>(L, stream, name);
+}
+
+// ---- FFI handlers -------------------------------------------------------------------
+
+using Dims = ffi::Span<const int64_t>;
+
+ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument("jaxfp4 gemm (cuda): " + what); }
+
+std::string dims_str(Dims d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+bool parse_layout(int32_t v, SfLayout* out) {
+  if (v < 0 || v > 2) return false;
+  *out = static_cast<SfLayout>(v);
+  return true;
+}
+
+// Checks `buf` is [lead..., r, c] of dtype dt with `nl` leading axes.
+ffi::Error expect(const ffi::AnyBuffer& buf, const char* name, ffi::DataType dt, const int64_t* lead, int nl,
+                  int64_t r, int64_t c) {
+  const Dims d = buf.dimensions();
+  if (buf.element_type() != dt) return bad(std::string(name) + " has the wrong dtype");
+  bool ok = static_cast<int>(d.size()) == nl + 2 && d[nl] == r && d[nl + 1] == c;
+  for (int i = 0; ok && i < nl; ++i) ok = d[i] == lead[i];
+  if (!ok) {
+    std::string want = "[";
+    for (int i = 0; i < nl; ++i) want += std::to_string(lead[i]) + ", ";
+    want += std::to_string(r) + ", " + std::to_string(c) + "]";
+    return bad(std::string(name) + " has shape " + dims_str(d) + ", expected " + want);
+  }
+  return ffi::Error::Success();
+}
+
+// Validates the weight operand (b_data, b_scales, b_g) given N, K and the
+// batch rank nl; fills the b fields of L.
+ffi::Error check_weights(const ffi::AnyBuffer& b_data, const ffi::AnyBuffer& b_scales, const ffi::AnyBuffer& b_g,
+                         int32_t layout_attr, int32_t packing, int nl, int64_t N, int64_t K, Launch* L,
+                         int64_t* b_lead) {
+  SfLayout layout;
+  if (!parse_layout(layout_attr, &layout)) return bad("b_sf_layout must be 0, 1 or 2");
+  if (packing != 0 && packing != 1) return bad("b_packing must be 0 (plain) or 1 (sm90)");
+  const Dims gd = b_g.dimensions();
+  if (b_g.element_type() != ffi::DataType::F32 || static_cast<int>(gd.size()) != nl)
+    return bad("b_g must be F32 with one entry per leading batch index, got " + dims_str(gd));
+  for (int i = 0; i < nl; ++i) b_lead[i] = gd[i];
+  const int64_t C = K / 16;
+  if (packing == 0) {
+    if (auto e = expect(b_data, "b_data", ffi::DataType::U8, b_lead, nl, N, K / 2); e.failure()) return e;
+    if (auto e = expect(b_scales, "b_scales", ffi::DataType::F8E4M3FN, b_lead, nl, sf_rows(layout, N),
+                        sf_cols(layout, C));
+        e.failure())
+      return e;
+    L->p.b_stride = N * (K / 2);
+    L->p.b_sf_stride = sf_rows(layout, N) * sf_cols(layout, C);
+    L->p.b_sf_cstride = sf_offset(layout, 0, 4, C) - sf_offset(layout, 0, 0, C);
+  } else {
+    const int64_t T = (N + 15) / 16, Kp = (K + kChunk - 1) / kChunk * kChunk;
+    if (auto e = expect(b_data, "b_data (sm90-packed)", ffi::DataType::U8, b_lead, nl, T, 8 * Kp); e.failure())
+      return e;
+    if (auto e = expect(b_scales, "b_scales (sm90-packed)", ffi::DataType::F8E4M3FN, b_lead, nl, T, Kp);
+        e.failure())
+      return e;
+    L->p.b_stride = T * 8 * Kp;
+    L->p.b_sf_stride = T * Kp;
+    L->p.b_sf_cstride = 0;
+  }
+  const uintptr_t align = packing ? 16 : 8;
+  if (reinterpret_cast<uintptr_t>(b_data.untyped_data()) % align != 0) return bad("b_data is misaligned");
+  if (packing && reinterpret_cast<uintptr_t>(b_scales.untyped_data()) % 16 != 0)
+    return bad("b_scales is misaligned");
+  L->packed = packing == 1;
+  L->p.b = static_cast<const uint8_t*>(b_data.untyped_data());
+  L->p.b_sf = static_cast<const uint8_t*>(b_scales.untyped_data());
+  L->p.b_g = static_cast<const float*>(b_g.untyped_data());
+  L->p.b_sf_layout = layout_attr;
+  return ffi::Error::Success();
+}
+
+// Validates out [*L, M, N] against the batch map; fills out fields.
+ffi::Error check_out(const ffi::AnyBuffer& out, int nl, int64_t M, const BatchMap& map, Launch* L, int64_t* N) {
+  const Dims d = out.dimensions();
+  if (static_cast<int>(d.size()) != nl + 2 || d[nl] != M) return bad("out has shape " + dims_str(d));
+  for (int i = 0; i < nl; ++i)
+    if (d[i] != map.out_dims[i]) return bad("out's batch axes " + dims_str(d) + " do not match the operands'");
+  switch (out.element_type()) {
+    case ffi::DataType::F32: L->p.out_type = kOutF32; break;
+    case ffi::DataType::BF16: L->p.out_type = kOutBF16; break;
+    case ffi::DataType::F16: L->p.out_type = kOutF16; break;
+    default: return bad("out must be F32, BF16 or F16");
+  }
+  *N = d[nl + 1];
+  L->p.out = out.untyped_data();
+  L->batch = map.count;
+  return ffi::Error::Success();
+}
+
+ffi::Error finish(Launch& L, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+  if (M > 0x7FFFFFFF || N > 0x7FFFFFF0 || K > 0x7FFFFFF0) return bad("dimensions too large");
+  L.p.M = static_cast<int32_t>(M);
+  L.p.N = static_cast<int32_t>(N);
+  L.p.K = static_cast<int32_t>(K);
+  L.p.C = static_cast<int32_t>(K / 16);
+  L.p.tiles = static_cast<int32_t>((N + 15) / 16);
+  L.p.chunks = static_cast<int32_t>((K + kChunk - 1) / kChunk);
+  if (M == 0 || N == 0 || L.batch == 0) return ffi::Error::Success();
+  const char* name = nullptr;
+  const cudaError_t err = launch(L, stream, &name);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxfp4 gemm launch: ") + cudaGetErrorString(err));
+  record_kernel("gemm", name);
+  return ffi::Error::Success();
+}
+
+ffi::Error GemmW4A16Impl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b_data, ffi::AnyBuffer b_scales,
+                         ffi::AnyBuffer b_g, ffi::Result<ffi::AnyBuffer> out, int32_t b_sf_layout,
+                         int32_t b_packing) {
+  Launch L;
+  const Dims ad = a.dimensions();
+  if (ad.size() < 2) return bad("a must have rank >= 2 ([*L, M, K])");
+  if (a.element_type() == ffi::DataType::BF16) {
+    L.f16 = false;
+  } else if (a.element_type() == ffi::DataType::F16) {
+    L.f16 = true;
+  } else {
+    return bad("a must be BF16 or F16 on CUDA");
+  }
+  const int nl = static_cast<int>(ad.size()) - 2;
+  if (nl > kMaxBatchRank) return bad("too many batch axes");
+  const int64_t M = ad[nl], K = ad[nl + 1];
+  if (K % 16 != 0) return bad("K must be a multiple of 16");
+  if (reinterpret_cast<uintptr_t>(a.untyped_data()) % 16 != 0) return bad("a is misaligned");
+  int64_t b_lead[kMaxBatchRank] = {};
+  // N comes from out; check out's shape first with a provisional batch map.
+  const Dims od = out->dimensions();
+  if (static_cast<int>(od.size()) != nl + 2) return bad("out must have the rank of a");
+  const int64_t N = od[nl + 1];
+  if (auto e = check_weights(b_data, b_scales, b_g, b_sf_layout, b_packing, nl, N, K, &L, b_lead); e.failure())
+    return e;
+  BatchMap map;
+  if (!make_batch_map(ad.begin(), b_lead, nl, &map)) return bad("the batch axes of a and b do not broadcast");
+  int64_t n_out = 0;
+  if (auto e = check_out(*out, nl, M, map, &L, &n_out); e.failure()) return e;
+  L.a4 = false;
+  L.p.map = map;
+  L.p.a = a.untyped_data();
+  L.p.a_stride = M * K;
+  L.p.a_sf = nullptr;
+  L.p.a_g = nullptr;
+  return finish(L, M, N, K, stream);
+}
+
+ffi::Error GemmW4A4Impl(cudaStream_t stream, ffi::AnyBuffer a_data, ffi::AnyBuffer a_scales, ffi::AnyBuffer a_g,
+                        ffi::AnyBuffer b_data, ffi::AnyBuffer b_scales, ffi::AnyBuffer b_g,
+                        ffi::Result<ffi::AnyBuffer> out, int32_t a_sf_layout, int32_t b_sf_layout,
+                        int32_t b_packing) {
+  Launch L;
+  const Dims ad = a_data.dimensions();
+  if (ad.size() < 2) return bad("a_data must have rank >= 2 ([*L, M, K/2])");
+  const int nl = static_cast<int>(ad.size()) - 2;
+  if (nl > kMaxBatchRank) return bad("too many batch axes");
+  const int64_t M = ad[nl], K = 2 * ad[nl + 1];
+  if (K % 16 != 0) return bad("K must be a multiple of 16");
+  SfLayout al;
+  if (!parse_layout(a_sf_layout, &al)) return bad("a_sf_layout must be 0, 1 or 2");
+  if (auto e = expect(a_data, "a_data", ffi::DataType::U8, ad.begin(), nl, M, K / 2); e.failure()) return e;
+  if (auto e = expect(a_scales, "a_scales", ffi::DataType::F8E4M3FN, ad.begin(), nl, sf_rows(al, M),
+                      sf_cols(al, K / 16));
+      e.failure())
+    return e;
+  {
+    const Dims gd = a_g.dimensions();
+    bool ok = a_g.element_type() == ffi::DataType::F32 && static_cast<int>(gd.size()) == nl;
+    for (int i = 0; ok && i < nl; ++i) ok = gd[i] == ad[i];
+    if (!ok) return bad("a_g must be F32 [*La], got " + dims_str(gd));
+  }
+  if (reinterpret_cast<uintptr_t>(a_data.untyped_data()) % 8 != 0) return bad("a_data is misaligned");
+  const Dims od = out->dimensions();
+  if (static_cast<int>(od.size()) != nl + 2) return bad("out must have the rank of a_data");
+  const int64_t N = od[nl + 1];
+  int64_t b_lead[kMaxBatchRank] = {};
+  if (auto e = check_weights(b_data, b_scales, b_g, b_sf_layout, b_packing, nl, N, K, &L, b_lead); e.failure())
+    return e;
+  BatchMap map;
+  if (!make_batch_map(ad.begin(), b_lead, nl, &map)) return bad("the batch axes of a and b do not broadcast");
+  int64_t n_out = 0;
+  if (auto e = check_out(*out, nl, M, map, &L, &n_out); e.failure()) return e;
+  L.a4 = true;
+  L.p.map = map;
+  L.p.a = a_data.untyped_data();
+  L.p.a_stride = M * (K / 2);
+  L.p.a_sf = static_cast<const uint8_t*>(a_scales.untyped_data());
+  L.p.a_sf_stride = sf_rows(al, M) * sf_cols(al, K / 16);
+  L.p.a_sf_cstride = sf_offset(al, 0, 4, K / 16) - sf_offset(al, 0, 0, K / 16);
+  L.p.a_sf_layout = a_sf_layout;
+  L.p.a_g = static_cast<const float*>(a_g.untyped_data());
+  return finish(L, M, N, K, stream);
+}
+
+}  // namespace sm90_gemm
+}  // namespace jaxfp4
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmW4A16Cuda, jaxfp4::sm90_gemm::GemmW4A16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // a [*La, M, K] BF16/F16
+                                  .Arg<ffi::AnyBuffer>()  // b_data U8
+                                  .Arg<ffi::AnyBuffer>()  // b_scales F8E4M3FN
+                                  .Arg<ffi::AnyBuffer>()  // b_g F32 [*Lb]
+                                  .Ret<ffi::AnyBuffer>()  // out [*L, M, N]
+                                  .Attr<int32_t>("b_sf_layout")
+                                  .Attr<int32_t>("b_packing"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmW4A4Cuda, jaxfp4::sm90_gemm::GemmW4A4Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // a_data U8 [*La, M, K/2]
+                                  .Arg<ffi::AnyBuffer>()  // a_scales F8E4M3FN
+                                  .Arg<ffi::AnyBuffer>()  // a_g F32 [*La]
+                                  .Arg<ffi::AnyBuffer>()  // b_data U8
+                                  .Arg<ffi::AnyBuffer>()  // b_scales F8E4M3FN
+                                  .Arg<ffi::AnyBuffer>()  // b_g F32 [*Lb]
+                                  .Ret<ffi::AnyBuffer>()  // out [*L, M, N]
+                                  .Attr<int32_t>("a_sf_layout")
+                                  .Attr<int32_t>("b_sf_layout")
+                                  .Attr<int32_t>("b_packing"),
+                              {ffi::Traits::kCmdBufferCompatible});
