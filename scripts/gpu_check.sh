@@ -18,8 +18,11 @@ $PY -m pip install -q --no-build-isolation --no-deps -e . \
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $PY -c "import jax, jaxfp4; print(jax.devices()); print(jaxfp4.backend_info())"
 
-step "tests (default device: the GPU)"
-timeout 300 $PY -m pytest -q -ra -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -12
+step "GPU tests"
+timeout 200 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -8
+step "ops and transforms tests with the GPU as default device (the CUDA paths against the oracle)"
+timeout 200 $PY -m pytest -q -ra -p no:cacheprovider tests/test_ops.py tests/test_transforms.py \
+  2>&1 | tee "$OUT/pytest_ops.log" | tail -8
 
 step example
 timeout 60 $PY examples/quickstart.py 2>&1 | tee "$OUT/quickstart.log"
