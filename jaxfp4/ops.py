@@ -120,7 +120,9 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, out_dtype: Any = jnp.b
     n, k = b.shape[-2:]
     w4a4 = isinstance(a, NVFP4Tensor)
     if w4a4:
-        _plain(a, "a (activations)")
+        if a.packing is not None:
+            raise ValueError("a must not be pre-packed: prepare_weights is for the weight operand b")
+        fmt.check_sf_layout(a.sf_layout, "a.sf_layout")
     else:
         a = _check_matrix(a, "a", "[..., M, K] activations, or an NVFP4Tensor")
     ka = a.shape[-1]
@@ -136,8 +138,7 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, out_dtype: Any = jnp.b
     params = dict(b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dt)
     if not w4a4 and not any(d != 1 for d in b_lead):
         # Shared weights: fold a's batch axes into M so the weights stream once.
-        a2 = a.reshape(-1, m, k) if a_lead else a[None]
-        (out,) = gemm_p.bind(a2.reshape(1, -1, k), *_with_rank(b, 1), mode="w4a16",
+        (out,) = gemm_p.bind(a.reshape(1, -1, k), *_with_rank(b, 1), mode="w4a16",
                              a_sf_layout=None, **params)
         return out.reshape(*lead, m, n)
     rank = len(lead)
@@ -157,14 +158,10 @@ def _with_rank(t: NVFP4Tensor, rank: int) -> tuple[jax.Array, jax.Array, jax.Arr
     return grow(t.data), grow(t.scales), grow(t.global_scale)
 
 
-def _plain(t: NVFP4Tensor, arg: str = "t") -> NVFP4Tensor:
-    """Validates a tensor's static fields; unpacks pre-packed weights where an op needs plain ones."""
-    fmt.check_sf_layout(t.sf_layout, f"{arg}.sf_layout")
-    if t.packing is not None:
-        if arg.startswith("a"):
-            raise ValueError(f"{arg} must not be pre-packed: prepare_weights is for the weight operand b")
-        return unprepare_weights(t)
-    return t
+def _plain(t: NVFP4Tensor) -> NVFP4Tensor:
+    """Validates a tensor's layout; unpacks pre-packed weights where an op needs plain ones."""
+    fmt.check_sf_layout(t.sf_layout, "t.sf_layout")
+    return unprepare_weights(t) if t.packing is not None else t
 
 
 # ---- weight pre-packing ------------------------------------------------------------

@@ -90,3 +90,8 @@ def test_non_float_array_like_is_converted_or_rejected():
         jaxfp4.quantize([[1.0] * 32])
     t = jaxfp4.quantize(np.ones((4, 32), np.float32))  # numpy arrays are fine
     assert t.shape == (4, 32)
+
+
+def test_matmul_rejects_prepacked_activations(w):
+    a = jaxfp4.prepare_weights(jaxfp4.quantize(jnp.ones((4, 32))))
+    _raises(ValueError, r"a must not be pre-packed", jaxfp4.matmul, a, w)
