@@ -21,10 +21,11 @@
 // operands alike). At the end of a group the warps' float32 partial sums are
 // added in warp order through shared memory (deterministic; no global
 // workspace, no atomics) and stored.
-// Loads in flight: packed weights go through a per-warp ring of kStages
-// shared-memory stages filled by cp.async (16-byte copies, no registers held);
-// plain weights through a register ring of kDepth chunks; activations (L2
-// hits, the same chunks for every group) through a small register ring.
+// Loads in flight: packed weights go through a per-warp ring of shared-memory
+// stages filled by cp.async (16-byte copies, no registers held; the kernel in
+// gemm_small_m_packed.cuh); plain weights through a register ring of kDepth
+// chunks; activations (L2 hits, the same chunks for every group) are loaded
+// right before use (packed) or through a small register ring (plain).
 //
 // Dequantization is exact: E2M1 x E4M3 fits bf16 and fp16.
 //   bf16: the nibble's bits s|e1e0m placed at bf16 bits 15|8..6 are the value
@@ -241,7 +242,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                           uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -249,7 +250,7 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
 }
 template <>
 __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -333,29 +334,21 @@ __device__ __forceinline__ void scale_pair<__half>(uint32_t sf2, uint32_t& s0, u
 
 // ---- the kernel -----------------------------------------------------------------
 
-// Tuning knobs (overridable for experiments): weight chunks in flight per
-// warp, activation chunks in flight (L2 hits), warps (K slices) per CTA.
+// Plain weights (the packed order runs gemm_small_m_packed.cuh). Tuning knobs,
+// overridable for experiments: weight chunks in flight per warp (a register
+// ring), activation chunks in flight (L2 hits), warps (K slices) per CTA.
 #ifndef JAXFP4_GEMM_DEPTH
 #define JAXFP4_GEMM_DEPTH 4
 #endif
 #ifndef JAXFP4_GEMM_WARPS_N8
 #define JAXFP4_GEMM_WARPS_N8 16
 #endif
-#ifndef JAXFP4_GEMM_STAGES
-#define JAXFP4_GEMM_STAGES 8
-#endif
-constexpr int kStages = JAXFP4_GEMM_STAGES;  // packed order: cp.async stages per warp
 template <int NT, bool PACKED>
 struct Cfg {
-  // Plain order: weight ring of kDepth chunks in registers. Packed order:
-  // kStages cp.async stages in shared memory instead (fewer registers, so
-  // more warps and deeper activation look-ahead).
   static constexpr int kDepth = JAXFP4_GEMM_DEPTH;
-  static constexpr int kActDepth = PACKED ? (NT == 4 ? 2 : 4) : (NT == 4 ? 1 : 2);
-  static constexpr int kMaxWarps =
-      NT == 1 ? JAXFP4_GEMM_WARPS_N8 : (PACKED ? (NT == 2 ? 16 : 12) : (NT == 2 ? 12 : 8));
+  static constexpr int kActDepth = NT == 4 ? 1 : 2;
+  static constexpr int kMaxWarps = NT == 1 ? JAXFP4_GEMM_WARPS_N8 : (NT == 2 ? 12 : 8);
 };
-template <typename T, int NT, bool PACKED, bool A4>
 struct Stage {
   uint4 w[kTPW];           // codes: words (row g, h0), (row g, h1), (row g+8, h0), (row g+8, h1)
   uint32_t sf[kTPW];       // scale bytes: row g | row g+8 << 8
@@ -366,14 +359,116 @@ struct ActStage {
   uint4 act[NT][A4 ? 1 : 2];  // A16: 8 words (16 elements); A4: .x/.y codes, .z scale byte
 };
 
+// Loads the activations of slot i (chunk c0 + i of the lane's pointers) into at.
+// blk_ok false (the lane's block is past K) loads zeros.
+template <int NT, bool A4>
+__device__ __forceinline__ void load_act(ActStage<NT, A4>& at, const uint8_t* const (&ap)[NT],
+                                         const uint8_t* const (&asp)[NT], int i, int64_t a_sf_cstride, bool blk_ok) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    if constexpr (A4) {
+      const uint2 v = ld_act8_pred(ap[nt] + static_cast<int64_t>(i) * 32, blk_ok);
+      const uint32_t sc = ld_u8_pred(asp[nt] + static_cast<int64_t>(i) * a_sf_cstride, blk_ok);
+      at.act[nt][0] = make_uint4(v.x, v.y, sc, 0);
+    } else {
+      const uint8_t* q = ap[nt] + static_cast<int64_t>(i) * (kChunk * 2);
+      at.act[nt][0] = ld_act16_pred(q, blk_ok);
+      at.act[nt][1] = ld_act16_pred(q + 16, blk_ok);
+    }
+  }
+}
+
+// The 4 mma steps of one chunk for kTPW weight tiles x NT token tiles.
+template <typename T, int NT, bool PACKED, bool A4>
+__device__ __forceinline__ void mma_chunk(float (&acc)[kTPW][NT][4], const Stage& st, const ActStage<NT, A4>& at) {
+  constexpr bool kF16 = std::is_same<T, __half>::value;
+  // B fragments of the 4 mma steps: b[nt][s][0..1].
+  uint32_t b[NT][4][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    if constexpr (A4) {
+      uint32_t s0, s1;
+      scale_pair<__nv_bfloat16>(at.act[nt][0].z, s0, s1);
+      const uint32_t words[2] = {at.act[nt][0].x, at.act[nt][0].y};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t r[4];
+        codes4<false, false>(words[h], r);  // pairs (j, j+4) of the plain nibble order
+#pragma unroll
+        for (int j = 0; j < 4; ++j) r[j] = mul2<__nv_bfloat16>(r[j], s0);
+        if constexpr (PACKED) {
+          // adjacent pairs (4q+0, 4q+1), (4q+2, 4q+3) for steps 2h, 2h+1
+          b[nt][2 * h][0] = prmt(r[0], r[1], 0x5410);
+          b[nt][2 * h][1] = prmt(r[2], r[3], 0x5410);
+          b[nt][2 * h + 1][0] = prmt(r[0], r[1], 0x7632);
+          b[nt][2 * h + 1][1] = prmt(r[2], r[3], 0x7632);
+        } else {
+          b[nt][2 * h][0] = r[0];
+          b[nt][2 * h][1] = r[1];
+          b[nt][2 * h + 1][0] = r[2];
+          b[nt][2 * h + 1][1] = r[3];
+        }
+      }
+    } else {
+      const uint32_t v[8] = {at.act[nt][0].x, at.act[nt][0].y, at.act[nt][0].z, at.act[nt][0].w,
+                             at.act[nt][1].x, at.act[nt][1].y, at.act[nt][1].z, at.act[nt][1].w};
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        if constexpr (PACKED) {
+          b[nt][s][0] = v[2 * s];
+          b[nt][s][1] = v[2 * s + 1];
+        } else {
+          const int h = s >> 1, q = s & 1;
+          b[nt][s][0] = prmt(v[4 * h + q], v[4 * h + q + 2], 0x5410);
+          b[nt][s][1] = prmt(v[4 * h + q], v[4 * h + q + 2], 0x7632);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int tp = 0; tp < kTPW; ++tp) {
+    uint32_t s0, s1;
+    scale_pair<T>(st.sf[tp], s0, s1);
+    const uint32_t words[4] = {st.w[tp].x, st.w[tp].y, st.w[tp].z, st.w[tp].w};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t rg[4], rg8[4];
+      codes4<kF16, PACKED>(words[h], rg);
+      codes4<kF16, PACKED>(words[2 + h], rg8);
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const uint32_t a[4] = {mul2<T>(rg[2 * q], s0), mul2<T>(rg8[2 * q], s1), mul2<T>(rg[2 * q + 1], s0),
+                               mul2<T>(rg8[2 * q + 1], s1)};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma16816<T>(acc[tp][nt], a, b[nt][2 * h + q][0], b[nt][2 * h + q][1]);
+      }
+    }
+  }
+}
+
+// Scales one output element by alpha and stores it (rows n >= N, tokens m >= M dropped).
+__device__ __forceinline__ void store_out(const Params& p, int64_t out_base, float alpha, int n, int m, float v) {
+  if (n < p.N && m < p.M) {
+    const int64_t o = out_base + static_cast<int64_t>(m) * p.N + n;
+    v *= alpha;
+    if (p.out_type == kOutBF16) {
+      static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
+    } else if (p.out_type == kOutF16) {
+      static_cast<__half*>(p.out)[o] = __float2half_rn(v);
+    } else {
+      static_cast<float*>(p.out)[o] = v;
+    }
+  }
+}
+
 template <typename T, int NT, bool PACKED, bool A4>
 __global__ void __launch_bounds__(Cfg<NT, PACKED>::kMaxWarps * 32, 1)
     gemm_small_m_kernel(const __grid_constant__ Params p) {
-  constexpr bool kF16 = std::is_same<T, __half>::value;
+  static_assert(!PACKED, "packed weights run gemm_packed_kernel (gemm_small_m_packed.cuh)");
   constexpr int D = Cfg<NT, PACKED>::kDepth;
   constexpr int DA = Cfg<NT, PACKED>::kActDepth;
   static_assert(D % DA == 0, "the activation ring must divide the weight ring");
-  using St = Stage<T, NT, PACKED, A4>;
+  using St = Stage;
   using At = ActStage<NT, A4>;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -416,24 +511,18 @@ __global__ void __launch_bounds__(Cfg<NT, PACKED>::kMaxWarps * 32, 1)
   const uint8_t* const bsf_base = p.b_sf + ib * p.b_sf_stride;
   // Rows past N (and the second tile of an odd last group) read a clamped valid
   // row instead: their outputs are never stored, and loads stay unpredicated.
-  const uint8_t* wp[kTPW][PACKED ? 1 : 2];
-  const uint8_t* sp[kTPW][PACKED ? 1 : 2];
+  const uint8_t* wp[kTPW][2];
+  const uint8_t* sp[kTPW][2];
   auto set_group = [&](int grp) {
 #pragma unroll
     for (int tp = 0; tp < kTPW; ++tp) {
       const int tile = min(grp * kTPW + tp, p.tiles - 1);
-      if constexpr (PACKED) {
-        const int64_t tc = static_cast<int64_t>(tile) * p.chunks + c0;
-        wp[tp][0] = b_base + tc * kPackedChunkBytes + lane * 16;
-        sp[tp][0] = bsf_base + tc * kPackedScaleBytes;  // the tile's 64 scale bytes of chunk c0
-      } else {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int64_t n = min(tile * 16 + g + 8 * r, p.N - 1);
-          wp[tp][r] = b_base + n * (p.K / 2) + static_cast<int64_t>(c0) * 32 + t * 8;
-          sp[tp][r] = bsf_base + sf_offset(static_cast<SfLayout>(p.b_sf_layout), n, t, p.C) +
-                      static_cast<int64_t>(c0) * p.b_sf_cstride;
-        }
+      for (int r = 0; r < 2; ++r) {
+        const int64_t n = min(tile * 16 + g + 8 * r, p.N - 1);
+        wp[tp][r] = b_base + n * (p.K / 2) + static_cast<int64_t>(c0) * 32 + t * 8;
+        sp[tp][r] = bsf_base + sf_offset(static_cast<SfLayout>(p.b_sf_layout), n, t, p.C) +
+                    static_cast<int64_t>(c0) * p.b_sf_cstride;
       }
     }
   };
@@ -446,47 +535,28 @@ __global__ void __launch_bounds__(Cfg<NT, PACKED>::kMaxWarps * 32, 1)
     [[maybe_unused]] const bool blk_ok = !kTail || 4 * (c0 + i) + t < p.C;
 #pragma unroll
     for (int tp = 0; tp < kTPW; ++tp) {
-      if constexpr (PACKED) {
-        st.w[tp] = ld_stream16(wp[tp][0] + static_cast<int64_t>(i) * kPackedChunkBytes);
-        st.sf[tp] = ld_stream_u16(sp[tp][0] + static_cast<int64_t>(i) * kPackedScaleBytes + lane * 2);
+      uint2 w0, w1;
+      uint32_t s0, s1;
+      const int64_t wo = static_cast<int64_t>(i) * 32, so = static_cast<int64_t>(i) * p.b_sf_cstride;
+      if constexpr (kTail) {
+        w0 = ld_stream8_pred(wp[tp][0] + wo, blk_ok);
+        w1 = ld_stream8_pred(wp[tp][1] + wo, blk_ok);
+        s0 = ld_u8_pred(sp[tp][0] + so, blk_ok);
+        s1 = ld_u8_pred(sp[tp][1] + so, blk_ok);
       } else {
-        uint2 w0, w1;
-        uint32_t s0, s1;
-        const int64_t wo = static_cast<int64_t>(i) * 32, so = static_cast<int64_t>(i) * p.b_sf_cstride;
-        if constexpr (kTail) {
-          w0 = ld_stream8_pred(wp[tp][0] + wo, blk_ok);
-          w1 = ld_stream8_pred(wp[tp][1] + wo, blk_ok);
-          s0 = ld_u8_pred(sp[tp][0] + so, blk_ok);
-          s1 = ld_u8_pred(sp[tp][1] + so, blk_ok);
-        } else {
-          w0 = ld_stream8(wp[tp][0] + wo);
-          w1 = ld_stream8(wp[tp][1] + wo);
-          s0 = ld_u8(sp[tp][0] + so);
-          s1 = ld_u8(sp[tp][1] + so);
-        }
-        st.w[tp] = make_uint4(w0.x, w0.y, w1.x, w1.y);
-        st.sf[tp] = s0 | (s1 << 8);
+        w0 = ld_stream8(wp[tp][0] + wo);
+        w1 = ld_stream8(wp[tp][1] + wo);
+        s0 = ld_u8(sp[tp][0] + so);
+        s1 = ld_u8(sp[tp][1] + so);
       }
+      st.w[tp] = make_uint4(w0.x, w0.y, w1.x, w1.y);
+      st.sf[tp] = s0 | (s1 << 8);
     }
   };
   // Issues the activation loads of slot i (chunk c0 + i; the same for every group).
   auto issue_act = [&](At& at, int i, auto tail) {
     constexpr bool kTail = decltype(tail)::value;
-    const bool blk_ok = !kTail || 4 * (c0 + i) + t < p.C;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if constexpr (A4) {
-        const uint8_t* q = ap[nt] + static_cast<int64_t>(i) * 32;
-        const uint8_t* sf = asp[nt] + static_cast<int64_t>(i) * p.a_sf_cstride;
-        const uint2 v = kTail ? ld_act8_pred(q, blk_ok) : ld_act8(q);
-        const uint32_t sc = kTail ? ld_u8_pred(sf, blk_ok) : ld_u8(sf);
-        at.act[nt][0] = make_uint4(v.x, v.y, sc, 0);
-      } else {
-        const uint8_t* q = ap[nt] + static_cast<int64_t>(i) * (kChunk * 2);
-        at.act[nt][0] = kTail ? ld_act16_pred(q, blk_ok) : ld_act16(q);
-        at.act[nt][1] = kTail ? ld_act16_pred(q + 16, blk_ok) : ld_act16(q + 16);
-      }
-    }
+    load_act<NT, A4>(at, ap, asp, i, p.a_sf_cstride, !kTail || 4 * (c0 + i) + t < p.C);
   };
   const int tail_chunk = (p.K % kChunk) ? p.chunks - 1 : -1;  // chunk that needs the TAIL loads
   using Tail = std::true_type;
@@ -514,70 +584,7 @@ __global__ void __launch_bounds__(Cfg<NT, PACKED>::kMaxWarps * 32, 1)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[tp][nt][j] = 0.0f;
 
-  auto compute = [&](const St& st, const At& at) {
-    // B fragments of the 4 mma steps: b[nt][s][0..1].
-    uint32_t b[NT][4][2];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if constexpr (A4) {
-        uint32_t s0, s1;
-        scale_pair<__nv_bfloat16>(at.act[nt][0].z, s0, s1);
-        const uint32_t words[2] = {at.act[nt][0].x, at.act[nt][0].y};
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          uint32_t r[4];
-          codes4<false, false>(words[h], r);  // pairs (j, j+4) of the plain nibble order
-#pragma unroll
-          for (int j = 0; j < 4; ++j) r[j] = mul2<__nv_bfloat16>(r[j], s0);
-          if constexpr (PACKED) {
-            // adjacent pairs (4q+0, 4q+1), (4q+2, 4q+3) for steps 2h, 2h+1
-            b[nt][2 * h][0] = prmt(r[0], r[1], 0x5410);
-            b[nt][2 * h][1] = prmt(r[2], r[3], 0x5410);
-            b[nt][2 * h + 1][0] = prmt(r[0], r[1], 0x7632);
-            b[nt][2 * h + 1][1] = prmt(r[2], r[3], 0x7632);
-          } else {
-            b[nt][2 * h][0] = r[0];
-            b[nt][2 * h][1] = r[1];
-            b[nt][2 * h + 1][0] = r[2];
-            b[nt][2 * h + 1][1] = r[3];
-          }
-        }
-      } else {
-        const uint32_t v[8] = {at.act[nt][0].x, at.act[nt][0].y, at.act[nt][0].z, at.act[nt][0].w,
-                               at.act[nt][1].x, at.act[nt][1].y, at.act[nt][1].z, at.act[nt][1].w};
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          if constexpr (PACKED) {
-            b[nt][s][0] = v[2 * s];
-            b[nt][s][1] = v[2 * s + 1];
-          } else {
-            const int h = s >> 1, q = s & 1;
-            b[nt][s][0] = prmt(v[4 * h + q], v[4 * h + q + 2], 0x5410);
-            b[nt][s][1] = prmt(v[4 * h + q], v[4 * h + q + 2], 0x7632);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int tp = 0; tp < kTPW; ++tp) {
-      uint32_t s0, s1;
-      scale_pair<T>(st.sf[tp], s0, s1);
-      const uint32_t words[4] = {st.w[tp].x, st.w[tp].y, st.w[tp].z, st.w[tp].w};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t rg[4], rg8[4];
-        codes4<kF16, PACKED>(words[h], rg);
-        codes4<kF16, PACKED>(words[2 + h], rg8);
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const uint32_t a[4] = {mul2<T>(rg[2 * q], s0), mul2<T>(rg8[2 * q], s1), mul2<T>(rg[2 * q + 1], s0),
-                                 mul2<T>(rg8[2 * q + 1], s1)};
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma16816<T>(acc[tp][nt], a, b[nt][2 * h + q][0], b[nt][2 * h + q][1]);
-        }
-      }
-    }
-  };
+  auto compute = [&](const St& st, const At& at) { mma_chunk<T, NT, PACKED, A4>(acc, st, at); };
 
   // ---- epilogue of one group: reduce the warps' K slices (fixed order), scale, store ----
   float alpha = p.b_g[ib] * 128.0f;
@@ -588,19 +595,8 @@ __global__ void __launch_bounds__(Cfg<NT, PACKED>::kMaxWarps * 32, 1)
   float* const red = reinterpret_cast<float*>(smem_raw);  // [nwarps][F] (when nwarps > 1)
 
   auto store = [&](int tile0, int tp, int nt, int j, int ln, float v) {
-    const int n = (tile0 + tp) * 16 + (ln >> 2) + 8 * (j >> 1);
-    const int m = m0 + 8 * nt + 2 * (ln & 3) + (j & 1);
-    if (n < p.N && m < p.M) {
-      const int64_t o = out_base + static_cast<int64_t>(m) * p.N + n;
-      v *= alpha;
-      if (p.out_type == kOutBF16) {
-        static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
-      } else if (p.out_type == kOutF16) {
-        static_cast<__half*>(p.out)[o] = __float2half_rn(v);
-      } else {
-        static_cast<float*>(p.out)[o] = v;
-      }
-    }
+    store_out(p, out_base, alpha, (tile0 + tp) * 16 + (ln >> 2) + 8 * (j >> 1), m0 + 8 * nt + 2 * (ln & 3) + (j & 1),
+              v);
   };
 
   auto finish_group = [&](int jg) {  // jg: the group's index relative to g_begin
@@ -639,116 +635,53 @@ __global__ void __launch_bounds__(Cfg<NT, PACKED>::kMaxWarps * 32, 1)
   if (ngroups <= 0) return;  // uniform over the CTA
   auto slot_ok = [&](int s) { return s < cpw && c0 + s < p.chunks; };
 
-  if constexpr (PACKED) {
-    // ---- packed weights: a per-warp ring of kStages shared-memory stages filled
-    // by cp.async (the loads in flight cost no registers); activations in a
-    // register ring DA slots ahead. Slots run through the CTA's groups in order.
-    constexpr int S = kStages;
-    constexpr int kStageBytes = kTPW * (kPackedChunkBytes + kPackedScaleBytes);
-    const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) +
-                          (nwarps > 1 ? nwarps * F * 4 : 0) + warp * S * kStageBytes;
-    int ig = 0, is = 0, qi = 0;  // issue cursor: group, slot, stage
-    set_group(g_begin);
-    auto issue_next = [&]() {
-      if (ig < ngroups && slot_ok(is)) {
-        const uint32_t dst = ring + qi * kStageBytes;
+  // ---- plain weights: register rings, weights one block of D slots ahead ----
+  St st[D];
+  At at[DA];
+  int ig = 0, is = 0;  // weight issue cursor: group (relative) and slot
+  set_group(g_begin);
 #pragma unroll
-        for (int tp = 0; tp < kTPW; ++tp)
-          cp_async16(dst + tp * kPackedChunkBytes + lane * 16, wp[tp][0] + static_cast<int64_t>(is) * kPackedChunkBytes);
-        if (lane < 4 * kTPW) {
-          const int tp = lane >> 2;
-          cp_async16(dst + kTPW * kPackedChunkBytes + tp * kPackedScaleBytes + (lane & 3) * 16,
-                     sp[tp][0] + static_cast<int64_t>(is) * kPackedScaleBytes + (lane & 3) * 16);
-        }
-      }
-      cp_async_commit();  // one group per slot, empty or not: wait_group counts slots
-      qi = qi + 1 == S ? 0 : qi + 1;
-      if (++is == cpw) {
-        is = 0;
-        if (++ig < ngroups) set_group(g_begin + ig);
-      }
-    };
-    const int total = ngroups * cpw;
-    for (int k = 0; k < S; ++k) issue_next();
-    At at[DA];
+  for (int i = 0; i < D; ++i)
+    if (slot_ok(i)) issue_w(st[i], i);
 #pragma unroll
-    for (int u = 0; u < DA; ++u)
-      if (u < total && slot_ok(u % cpw)) issue_a(at[u], u % cpw);
-    int cg = 0, cs = 0, qc = 0;  // compute cursor: group, slot, stage
-    for (int k = 0; k < total; k += DA) {
-#pragma unroll
-      for (int u = 0; u < DA; ++u) {
-        if (k + u < total) {
-          cp_async_wait<S - 1>();
-          __syncwarp();
-          if (slot_ok(cs)) {
-            const uint32_t src = ring + qc * kStageBytes;
-            St st;
-#pragma unroll
-            for (int tp = 0; tp < kTPW; ++tp) {
-              st.w[tp] = lds128(src + tp * kPackedChunkBytes + lane * 16);
-              st.sf[tp] = lds_u16(src + kTPW * kPackedChunkBytes + tp * kPackedScaleBytes + lane * 2);
-            }
-            compute(st, at[u]);
-          }
-          __syncwarp();  // the stage is read by every lane before it is refilled
-          issue_next();
-          qc = qc + 1 == S ? 0 : qc + 1;
-          if (k + u + DA < total) {  // activations of the slot DA ahead (same slots every group)
-            int sa = cs + DA;
-            while (sa >= cpw) sa -= cpw;
-            if (slot_ok(sa)) issue_a(at[u], sa);
-          }
-          if (++cs == cpw) {
-            cs = 0;
-            finish_group(cg);
-            ++cg;
-          }
-        }
-      }
+  for (int i = 0; i < DA; ++i)
+    if (slot_ok(i)) issue_a(at[i], i);
+  is = D;
+  int cg = 0, cs = 0;  // compute cursor
+  const int blocks = ngroups * (spg / D);
+  for (int blk = 0; blk < blocks; ++blk) {
+    if (is == spg) {
+      is = 0;
+      if (++ig < ngroups) set_group(g_begin + ig);
     }
-    cp_async_wait<0>();
-  } else {
-    // ---- plain weights: register rings, weights one block of D slots ahead ----
-    St st[D];
-    At at[DA];
-    int ig = 0, is = 0;  // weight issue cursor: group (relative) and slot
-    set_group(g_begin);
+    const bool issuing = ig < ngroups;
+    const bool more = blk + 1 < blocks;  // a later block exists (activation look-ahead may wrap)
 #pragma unroll
-    for (int i = 0; i < D; ++i)
-      if (slot_ok(i)) issue_w(st[i], i);
-#pragma unroll
-    for (int i = 0; i < DA; ++i)
-      if (slot_ok(i)) issue_a(at[i], i);
-    is = D;
-    int cg = 0, cs = 0;  // compute cursor
-    const int blocks = ngroups * (spg / D);
-    for (int blk = 0; blk < blocks; ++blk) {
-      if (is == spg) {
-        is = 0;
-        if (++ig < ngroups) set_group(g_begin + ig);
-      }
-      const bool issuing = ig < ngroups;
-      const bool more = blk + 1 < blocks;  // a later block exists (activation look-ahead may wrap)
-#pragma unroll
-      for (int i = 0; i < D; ++i) {
-        if (slot_ok(cs + i)) compute(st[i], at[i % DA]);
-        if (issuing && slot_ok(is + i)) issue_w(st[i], is + i);
-        int sa = cs + i + DA;  // the slot DA ahead (wraps to the next group's same slots)
-        const bool wrap = sa >= spg;
-        if (wrap) sa -= spg;
-        if ((!wrap || more) && slot_ok(sa)) issue_a(at[i % DA], sa);
-      }
-      is += D;
-      cs += D;
-      if (cs == spg) {
-        cs = 0;
-        finish_group(cg);
-        ++cg;
-      }
+    for (int i = 0; i < D; ++i) {
+      if (slot_ok(cs + i)) compute(st[i], at[i % DA]);
+      if (issuing && slot_ok(is + i)) issue_w(st[i], is + i);
+      int sa = cs + i + DA;  // the slot DA ahead (wraps to the next group's same slots)
+      const bool wrap = sa >= spg;
+      if (wrap) sa -= spg;
+      if ((!wrap || more) && slot_ok(sa)) issue_a(at[i % DA], sa);
+    }
+    is += D;
+    cs += D;
+    if (cs == spg) {
+      cs = 0;
+      finish_group(cg);
+      ++cg;
     }
   }
 }
+
+}  // namespace sm90_gemm
+}  // namespace jaxfp4
+
+#include "gemm_small_m_packed.cuh"
+
+namespace jaxfp4 {
+namespace sm90_gemm {
 
 // ---- host side ------------------------------------------------------------------------
 
@@ -802,16 +735,31 @@ const char* kernel_name() {
   }
 }
 
-// CTAs of this kernel one SM holds at `threads` threads (cached per thread count).
-template <typename T, int NT, bool PACKED, bool A4>
-int ctas_per_sm(int threads, size_t smem) {
-  static std::atomic<int> cache[Cfg<NT, PACKED>::kMaxWarps + 1];
+// Allows a kernel the dynamic shared memory it can ask for (above the 48 KB
+// default), once per device.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes, std::atomic<bool>* done) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    cudaGetLastError();
+    dev = 0;
+  }
+  if (!done[dev].load(std::memory_order_relaxed)) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
+        cudaSuccess)
+      return cudaGetLastError();
+    done[dev].store(true, std::memory_order_relaxed);
+  }
+  return cudaSuccess;
+}
+
+// CTAs of `kernel` one SM holds at `threads` threads and `smem` bytes (cached per warp count).
+template <typename Kernel>
+int ctas_per_sm(Kernel kernel, int threads, size_t smem, std::atomic<int>* cache) {
   const int w = threads / 32;
   int n = cache[w].load(std::memory_order_relaxed);
   if (n <= 0) {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_small_m_kernel<T, NT, PACKED, A4>, threads, smem) !=
-            cudaSuccess ||
-        n <= 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess || n <= 0) {
       cudaGetLastError();
       n = 1;
     }
@@ -820,45 +768,65 @@ int ctas_per_sm(int threads, size_t smem) {
   return n;
 }
 
-template <typename T, int NT, bool PACKED, bool A4>
-cudaError_t launch_t(Launch L, cudaStream_t stream, const char** name) {
+// Packed weights: warps split K (at most kPkWarps), a persistent grid of about
+// one wave walks the tile groups.
+template <typename T, int NT, bool A4>
+cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   Params& p = L.p;
   const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
   const int64_t mtiles = (static_cast<int64_t>(p.M) + 8 * NT - 1) / (8 * NT);
   if (groups > 0x7FFFFFFF || mtiles > 65535 || L.batch > 65535) return cudaErrorInvalidConfiguration;
-  // Warps per CTA split K (all of the CTA's warps work on the same tile group);
-  // a persistent grid of about one wave walks the tile groups.
   const int64_t chunks = std::max<int32_t>(p.chunks, 1);
-  int64_t nwk = std::min<int64_t>(Cfg<NT, PACKED>::kMaxWarps, chunks);
+  int64_t nwk = std::min<int64_t>(kPkWarps, chunks);
   const int64_t cpw = (chunks + nwk - 1) / nwk;
   nwk = (chunks + cpw - 1) / cpw;
   p.chunks_per_warp = static_cast<int32_t>(cpw);
   const int threads = static_cast<int>(nwk) * 32;
-  auto smem_bytes = [](int64_t warps) {
-    size_t b = warps > 1 ? static_cast<size_t>(warps) * kTPW * NT * 4 * 32 * sizeof(float) : 0;
-    if (PACKED) b += static_cast<size_t>(warps) * kStages * kTPW * (kPackedChunkBytes + kPackedScaleBytes);
-    return b;
-  };
-  const size_t smem = smem_bytes(nwk);
+  const size_t smem = packed_smem_bytes<NT>(static_cast<int>(nwk));
+  auto kernel = gemm_packed_kernel<T, NT, A4>;
   static std::atomic<bool> smem_set[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
-    cudaGetLastError();
-    dev = 0;
-  }
-  if (!smem_set[dev].load(std::memory_order_relaxed)) {
-    // Allow the most this kernel can ask for (above the 48 KB default), per device.
-    if (cudaFuncSetAttribute(gemm_small_m_kernel<T, NT, PACKED, A4>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem_bytes(Cfg<NT, PACKED>::kMaxWarps))) != cudaSuccess)
-      return cudaGetLastError();
-    smem_set[dev].store(true, std::memory_order_relaxed);
-  }
-  const int64_t slots = static_cast<int64_t>(sm_count()) * ctas_per_sm<T, NT, PACKED, A4>(threads, smem);
+  if (cudaError_t e = allow_smem(kernel, packed_smem_bytes<NT>(kPkWarps), smem_set); e != cudaSuccess) return e;
+  static std::atomic<int> occ[kPkWarps + 1];
+  const int64_t slots = static_cast<int64_t>(sm_count()) * ctas_per_sm(kernel, threads, smem, occ);
   const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(groups, slots / (mtiles * L.batch)));
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
-  gemm_small_m_kernel<T, NT, PACKED, A4><<<grid, threads, smem, stream>>>(p);
-  *name = kernel_name<T, NT, PACKED, A4>();
+  kernel<<<grid, threads, smem, stream>>>(p);
+  *name = kernel_name<T, NT, true, A4>();
   return cudaGetLastError();
+}
+
+// Plain weights: same decomposition, register rings instead of the cp.async one.
+template <typename T, int NT, bool PACKED, bool A4>
+cudaError_t launch_t(Launch L, cudaStream_t stream, const char** name) {
+  if constexpr (PACKED) {
+    return launch_packed<T, NT, A4>(L, stream, name);
+  } else {
+    Params& p = L.p;
+    const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
+    const int64_t mtiles = (static_cast<int64_t>(p.M) + 8 * NT - 1) / (8 * NT);
+    if (groups > 0x7FFFFFFF || mtiles > 65535 || L.batch > 65535) return cudaErrorInvalidConfiguration;
+    const int64_t chunks = std::max<int32_t>(p.chunks, 1);
+    int64_t nwk = std::min<int64_t>(Cfg<NT, false>::kMaxWarps, chunks);
+    const int64_t cpw = (chunks + nwk - 1) / nwk;
+    nwk = (chunks + cpw - 1) / cpw;
+    p.chunks_per_warp = static_cast<int32_t>(cpw);
+    const int threads = static_cast<int>(nwk) * 32;
+    auto smem_bytes = [](int64_t warps) {
+      return warps > 1 ? static_cast<size_t>(warps) * kTPW * NT * 4 * 32 * sizeof(float) : 0;
+    };
+    const size_t smem = smem_bytes(nwk);
+    auto kernel = gemm_small_m_kernel<T, NT, false, A4>;
+    static std::atomic<bool> smem_set[kMaxDevices];
+    if (cudaError_t e = allow_smem(kernel, smem_bytes(Cfg<NT, false>::kMaxWarps), smem_set); e != cudaSuccess)
+      return e;
+    static std::atomic<int> occ[Cfg<NT, false>::kMaxWarps + 1];
+    const int64_t slots = static_cast<int64_t>(sm_count()) * ctas_per_sm(kernel, threads, smem, occ);
+    const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(groups, slots / (mtiles * L.batch)));
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
+    kernel<<<grid, threads, smem, stream>>>(p);
+    *name = kernel_name<T, NT, false, A4>();
+    return cudaGetLastError();
+  }
 }
 
 template <typename T, bool PACKED, bool A4>
