@@ -1,6 +1,13 @@
-"""jaxfp4: NVFP4 (E2M1 values, E4M3 scales per 16, a float32 global scale) for JAX."""
+"""jaxfp4: NVFP4 (E2M1 values, E4M3 scales per 16, a float32 global scale) for JAX.
+
+`jaxfp4.flax` (needs flax) and `jaxfp4.checkpoint` (needs safetensors) are
+imported on first access, so those stay optional dependencies.
+"""
+
+import importlib
 
 from jaxfp4._ffi import backend_info
+from jaxfp4.dot_general import dot_general
 from jaxfp4.ops import (
     dequantize,
     from_float4,
@@ -18,6 +25,7 @@ __all__ = [
     "NVFP4Tensor",
     "backend_info",
     "dequantize",
+    "dot_general",
     "from_float4",
     "matmul",
     "prepare_weights",
@@ -25,3 +33,17 @@ __all__ = [
     "to_scaled_matmul_operands",
     "unprepare_weights",
 ]
+
+# Submodules with optional dependencies, imported on first attribute access.
+# They are not in __all__: `from jaxfp4 import *` must not need flax or safetensors.
+_LAZY_SUBMODULES = ("flax", "checkpoint")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"jaxfp4.{name}")
+    raise AttributeError(f"module 'jaxfp4' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY_SUBMODULES])

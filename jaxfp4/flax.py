@@ -1,0 +1,274 @@
+"""Flax (linen) entry points: an NVFP4 Dense layer and the tools that fill it.
+
+- `Dense`: a Linear layer whose weight is stored in NVFP4, with ModelOpt's
+  parameter names ("weight", "weight_scale", "weight_scale_2",
+  "input_scale", "bias") so a checkpoint's tensors map 1:1 onto its params.
+- `dense_params`: the param dict of one `Dense` from an `NVFP4Tensor`.
+- `quantize_params`: turns the params of a model built from `nn.Dense` into
+  those of the same model built from `jaxfp4.flax.Dense`.
+- `NVFP4DotGeneral` (and `jaxfp4.dot_general`): quantize-on-the-fly drop-ins
+  for `nn.Dense(dot_general_cls=...)` / `nnx.Linear(dot_general=...)`.
+
+Everything here runs under jit, vmap, nn.vmap, nn.scan and nn.remat, for
+inference (the jaxfp4 primitives have no gradients). Requires flax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfp4 import format as fmt
+from jaxfp4 import ops
+from jaxfp4.dot_general import NVFP4DotGeneral, activation_sf_layout, check_mode
+from jaxfp4.packing import packed_shapes
+from jaxfp4.tensor import NVFP4Tensor, describe
+
+__all__ = ["Dense", "NVFP4DotGeneral", "dense_params", "quantize_params"]
+
+_PACKINGS = (None, "sm90")
+_FLOATS = [np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16)]
+
+
+def dense_params(weight: NVFP4Tensor, *, input_scale: Any = None, bias: Any = None,
+                 packing: str | None = None) -> dict[str, jax.Array]:
+    """The param dict of one `jaxfp4.flax.Dense` holding `weight`.
+
+    Args:
+      weight: an NVFP4Tensor [N, K] (checkpoint orientation, no batch axes) in
+        any sf_layout, plain or pre-packed.
+      input_scale: the static activation decode scale g_a (ModelOpt's
+        `input_scale`), for a w4a4 Dense with static_input_scale=True; None
+        leaves it out.
+      bias: the [N] bias, kept as given; None leaves it out.
+      packing: None for the checkpoint order (scales made linear), or "sm90"
+        for `jaxfp4.prepare_weights`' order (the Dense needs the same
+        `weight_packing`).
+
+    Returns:
+      {"weight", "weight_scale", "weight_scale_2"[, "input_scale"][, "bias"]}.
+    """
+    t = ops._check_tensor(weight, "weight")
+    if t.ndim != 2:
+        raise ValueError(f"weight must be an NVFP4Tensor [N, K] without batch axes, got {describe(t)}")
+    if packing not in _PACKINGS:
+        raise ValueError(f"packing must be one of {_PACKINGS}, got {packing!r}")
+    t = ops.unprepare_weights(t).with_sf_layout("linear")
+    if packing is not None:
+        t = ops.prepare_weights(t, packing=packing)
+    params = {"weight": t.data, "weight_scale": t.scales,
+              "weight_scale_2": jnp.asarray(t.global_scale, jnp.float32)}
+    if input_scale is not None:
+        params["input_scale"] = _scalar(input_scale, "input_scale")
+    if bias is not None:
+        n = t.shape[0]
+        if tuple(jnp.shape(bias)) != (n,):
+            raise ValueError(f"bias must have shape ({n},) for weight {describe(t)}, got {jnp.shape(bias)}")
+        params["bias"] = jnp.asarray(bias)
+    return params
+
+
+def _scalar(x: Any, arg: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.shape != () or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{arg} must be a float32 scalar (a decode scale), got {describe(x)}")
+    return x.astype(jnp.float32)
+
+
+def quantize_params(params: Any, *, mode: str = "w4a16", packing: str | None = None,
+                    predicate: Callable[[tuple[str, ...], jax.Array], bool] | None = None) -> dict:
+    """The params of a model of `nn.Dense` layers, with those layers in NVFP4.
+
+    Every dict in the tree that holds a 2-D float "kernel" [in, out] (and
+    optionally a "bias"), which is what `nn.Dense` makes, becomes
+    `dense_params(quantize(kernel.T))` (weights [N=out, K=in], dynamic global
+    scale) with the bias kept as it is: the params of a `jaxfp4.flax.Dense`
+    of `features=out`. Everything else is copied.
+
+    These layers stay float (the model keeps an `nn.Dense` there):
+    kernels whose in-dim is not a multiple of 16, kernels of other ranks
+    (DenseGeneral, Conv) or non-float dtypes, and kernels for which
+    `predicate(path, kernel)` is False (path: the tuple of dict keys leading
+    to the layer, e.g. ("params", "head")); a common choice keeps the output
+    head float.
+
+    Args:
+      params: a params tree (dicts or FrozenDicts), e.g. `model.init(...)`.
+      mode: the `Dense.mode` the params are for ("w4a16" or "w4a4"). Both
+        take the same params: w4a4 with a dynamic activation scale needs no
+        "input_scale" (calibrate and use `dense_params` for static ones).
+      packing: None, or "sm90" for the GPU kernel's pre-packed weight order
+        (then use `Dense(weight_packing="sm90")`).
+      predicate: an optional filter `(path, kernel) -> bool`.
+
+    Returns:
+      A new params tree of plain dicts.
+    """
+    check_mode(mode, "quantize_params")
+    if packing not in _PACKINGS:
+        raise ValueError(f"quantize_params: packing must be one of {_PACKINGS}, got {packing!r}")
+
+    def walk(node: Any, path: tuple[str, ...]) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        kernel = node.get("kernel")
+        if (kernel is not None and set(node) <= {"kernel", "bias"} and getattr(kernel, "ndim", None) == 2
+                and np.dtype(kernel.dtype) in _FLOATS and kernel.shape[0] % fmt.BLOCK == 0
+                and (predicate is None or predicate(path, kernel))):
+            w = ops.quantize(jnp.asarray(kernel).T, sf_layout="linear")
+            return dense_params(w, bias=node.get("bias"), packing=packing)
+        return {key: walk(value, (*path, str(key))) for key, value in node.items()}
+
+    return walk(params, ())
+
+
+class Dense(nn.Module):
+    """A Linear layer y = x @ W.T (+ bias) with NVFP4 weights W [N, K].
+
+    Params (ModelOpt names, so checkpoint tensors map 1:1):
+      weight: uint8 [N, K/2] E2M1 codes (or the sm90 packed data).
+      weight_scale: float8_e4m3fn [N, K/16] LINEAR block scales (or the packed scales).
+      weight_scale_2: float32 scalar, the weight decode scale g_b.
+      input_scale: float32 scalar g_a (only w4a4 with static_input_scale);
+        `.init` sets 1.0 (fine for activations of magnitude ~1e-2..2e3).
+      bias: [N] in `dtype` (only with use_bias).
+
+    `.init` draws a float kernel [K, N] with kernel_init and quantizes its
+    transpose (dynamic global scale); real weights come from a checkpoint,
+    `dense_params` or `quantize_params`.
+
+    Attributes:
+      features: N, the output size.
+      use_bias: whether to add a bias.
+      mode: "w4a16" (weight-only; activations stay in `dtype`) or "w4a4"
+        (activations quantized to NVFP4 too).
+      dtype: activation compute and output dtype (float32, bfloat16, float16;
+        x is cast to it). On a GPU, bfloat16/float16 run the W4A16 kernel,
+        float32 activations the slower (exact) reference path.
+      small_batch_threshold: w4a4 activations of M <= this many rows (M is
+        the product of x's leading dims) get "8x4" scales, larger M "128x4".
+      weight_packing: None (params in checkpoint order) or "sm90" (params in
+        `jaxfp4.prepare_weights`' order, which the GPU kernel reads fastest).
+      static_input_scale: w4a4 only: True quantizes activations with the
+        `input_scale` param as g_a, False with a dynamic global scale.
+      kernel_init: the float kernel initializer used by `.init` ([K, N]).
+      bias_init: the bias initializer.
+    """
+
+    features: int
+    use_bias: bool = False
+    mode: str = "w4a16"
+    dtype: Any = jnp.bfloat16
+    small_batch_threshold: int = 32
+    weight_packing: str | None = None
+    static_input_scale: bool = False
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    def _where(self) -> str:
+        path = "/".join(str(p) for p in self.scope.path) if self.scope is not None else ""
+        return f"jaxfp4.flax.Dense at {path or self.name or '<top>'!r}"
+
+    def _check_config(self) -> np.dtype:
+        where = self._where()
+        check_mode(self.mode, where)
+        try:
+            dt = np.dtype(self.dtype)
+        except TypeError:
+            dt = None
+        if dt not in _FLOATS:
+            raise TypeError(f"{where}: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.weight_packing not in _PACKINGS:
+            raise ValueError(f"{where}: weight_packing must be one of {_PACKINGS}, got {self.weight_packing!r}")
+        if not isinstance(self.features, (int, np.integer)) or self.features < 1:
+            raise ValueError(f"{where}: features must be a positive int, got {self.features!r}")
+        return dt
+
+    def _check_x(self, x: Any) -> jax.Array:
+        where = self._where()
+        if isinstance(x, np.ndarray):
+            x = jnp.asarray(x)
+        if not hasattr(x, "shape") or not hasattr(x, "dtype") or np.dtype(x.dtype) not in _FLOATS:
+            raise TypeError(f"{where}: x must be a float32, bfloat16 or float16 array [..., K], got {describe(x)}")
+        if x.ndim < 1:
+            raise ValueError(f"{where}: x must have rank >= 1 ([..., K]), got shape {x.shape}")
+        k = x.shape[-1]
+        if k % fmt.BLOCK:
+            raise ValueError(f"{where}: the last dim of x, K={k}, must be a multiple of {fmt.BLOCK} "
+                             f"(one E4M3 scale per {fmt.BLOCK} elements)")
+        return x
+
+    def _fresh(self, rng: jax.Array, k: int) -> dict[str, jax.Array]:
+        """The params `.init` creates: a kernel_init kernel, quantized."""
+        kernel = self.kernel_init(rng, (k, self.features), jnp.float32)
+        return dense_params(ops.quantize(kernel.T, sf_layout="linear"), packing=self.weight_packing)
+
+    def _weight(self, k: int) -> NVFP4Tensor:
+        where, n = self._where(), self.features
+        fresh: dict[str, jax.Array] = {}
+
+        def get(name: str) -> jax.Array:
+            if self.has_variable("params", name):
+                # flax compares the init's shape with the param's: give it the
+                # param itself, so that the checks below (which name the rule) decide.
+                existing = self.get_variable("params", name)
+                return self.param(name, lambda _: existing)
+
+            def init(rng):
+                if not fresh:  # the first missing param draws the kernel for all three
+                    fresh.update(self._fresh(rng, k))
+                return fresh[name]
+            return self.param(name, init)
+
+        data, scales, g = get("weight"), get("weight_scale"), get("weight_scale_2")
+        if self.weight_packing is None:
+            want_d, want_s = (n, k // 2), (n, k // fmt.BLOCK)
+            if data.ndim == 2 and data.shape[0] == n and data.shape[1] != k // 2:
+                raise ValueError(f"{where}: the last dim of x (K={k}) does not match the weight "
+                                 f"(K={2 * data.shape[1]} from weight {tuple(data.shape)})")
+        else:
+            want_d, want_s = packed_shapes(n, k)
+        order = "sm90 packed" if self.weight_packing else "codes"
+        if data.dtype != jnp.uint8:
+            raise TypeError(f"{where}: param 'weight' must be uint8 ({order}), got {describe(data)}")
+        if tuple(data.shape) != want_d:
+            raise ValueError(f"{where}: param 'weight' must have shape {want_d} ({order}) for features={n} "
+                             f"and K={k} (the last dim of x), got {tuple(data.shape)}")
+        if scales.dtype != jnp.float8_e4m3fn:
+            raise TypeError(f"{where}: param 'weight_scale' must be float8_e4m3fn, got {describe(scales)}")
+        if tuple(scales.shape) != want_s:
+            raise ValueError(f"{where}: param 'weight_scale' must have shape {want_s} "
+                             f"({'sm90 packed' if self.weight_packing else 'LINEAR'}), got {tuple(scales.shape)}")
+        g = self._scalar_param(g, "weight_scale_2")
+        packed = dict(packing=self.weight_packing, packed_shape=(n, k)) if self.weight_packing else {}
+        return NVFP4Tensor(data, scales, g, "linear", **packed)
+
+    def _scalar_param(self, x: jax.Array, name: str) -> jax.Array:
+        if jnp.shape(x) != () or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{self._where()}: param {name!r} must be a float32 scalar (a decode scale), "
+                             f"got {describe(x)}")
+        return x.astype(jnp.float32)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies the layer to x [..., K]; returns [..., features] in `dtype`."""
+        dt = self._check_config()
+        x = self._check_x(x)
+        k, lead = x.shape[-1], tuple(x.shape[:-1])
+        w = self._weight(k)
+        m = int(np.prod(lead))
+        a = x.reshape(m, k).astype(dt)
+        if self.mode == "w4a4":
+            g_a = None
+            if self.static_input_scale:
+                g_a = self._scalar_param(self.param("input_scale", lambda _: jnp.float32(1.0)), "input_scale")
+            a = ops.quantize(a, g_a, sf_layout=activation_sf_layout(m, self.small_batch_threshold))
+        y = ops.matmul(a, w, out_dtype=dt).reshape(*lead, self.features)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), dt).astype(dt)
+        return y
