@@ -384,10 +384,10 @@ static void bench(bool quick) {
     auto floor_us = [&]() {
       auto one_pass = [&](int c) {
         const int64_t n16 = static_cast<int64_t>(wbytes) / 16;
-        int64_t blocks = std::min<int64_t>((n16 + 511) / 512, static_cast<int64_t>(jaxfp4::sm90_gemm::sm_count()) * 2);
+        int64_t blocks = std::min<int64_t>((n16 + 511) / 512, static_cast<int64_t>(jaxfp4::sm_count()) * 2);
         stream_read_kernel<<<static_cast<unsigned>(blocks), 512>>>(W[c], static_cast<int64_t>(wbytes), dsum);
         const int64_t s16 = static_cast<int64_t>(sbytes) / 16;
-        blocks = std::min<int64_t>((s16 + 511) / 512, static_cast<int64_t>(jaxfp4::sm90_gemm::sm_count()) * 2);
+        blocks = std::min<int64_t>((s16 + 511) / 512, static_cast<int64_t>(jaxfp4::sm_count()) * 2);
         stream_read_kernel<<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), 512>>>(
             S[c], static_cast<int64_t>(sbytes), dsum);
       };
@@ -404,13 +404,13 @@ static void bench(bool quick) {
     auto floor1_us = [&]() {
       for (int i = 0; i < copies; ++i) {
         const int64_t n16 = static_cast<int64_t>(wbytes) / 16;
-        stream_read_kernel<<<static_cast<unsigned>(std::min<int64_t>((n16 + 511) / 512, jaxfp4::sm90_gemm::sm_count() * 2)), 512>>>(
+        stream_read_kernel<<<static_cast<unsigned>(std::min<int64_t>((n16 + 511) / 512, jaxfp4::sm_count() * 2)), 512>>>(
             W[i], static_cast<int64_t>(wbytes), dsum);
       }
       CK(cudaEventRecord(e0));
       for (int i = 0; i < iters; ++i) {
         const int64_t n16 = static_cast<int64_t>(wbytes) / 16;
-        stream_read_kernel<<<static_cast<unsigned>(std::min<int64_t>((n16 + 511) / 512, jaxfp4::sm90_gemm::sm_count() * 2)), 512>>>(
+        stream_read_kernel<<<static_cast<unsigned>(std::min<int64_t>((n16 + 511) / 512, jaxfp4::sm_count() * 2)), 512>>>(
             W[i % copies], static_cast<int64_t>(wbytes), dsum);
       }
       CK(cudaEventRecord(e1));

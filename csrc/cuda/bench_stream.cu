@@ -15,6 +15,7 @@
 #include <string>
 
 #include "jaxfp4/registry.h"
+#include "device.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -67,23 +68,6 @@ __global__ void __launch_bounds__(kThreads) stream_read_kernel(const uint8_t* __
       out[0] = static_cast<float>(a & 0xFFFFFFu);  // a finite number
     }
   }
-}
-
-constexpr int kMaxDevices = 64;
-std::atomic<int> g_sms[kMaxDevices];
-
-int sm_count() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) dev = 0;
-  int n = g_sms[dev].load(std::memory_order_relaxed);
-  if (n <= 0) {
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
-      cudaGetLastError();
-      return 132;
-    }
-    g_sms[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
 }
 
 ffi::Error BenchStreamReadImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {

@@ -65,6 +65,7 @@
 #include "jaxfp4/batch.h"
 #include "jaxfp4/format.h"
 #include "jaxfp4/registry.h"
+#include "../device.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -685,26 +686,6 @@ namespace sm90_gemm {
 
 // ---- host side ------------------------------------------------------------------------
 
-constexpr int kMaxDevices = 64;
-std::atomic<int> g_sms[kMaxDevices];
-
-int sm_count() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
-    cudaGetLastError();
-    dev = 0;
-  }
-  int n = g_sms[dev].load(std::memory_order_relaxed);
-  if (n <= 0) {
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
-      cudaGetLastError();
-      return 132;
-    }
-    g_sms[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
 // Everything a launch needs besides the kernel choice.
 struct Launch {
   Params p;
@@ -739,11 +720,7 @@ const char* kernel_name() {
 // default), once per device.
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t bytes, std::atomic<bool>* done) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
-    cudaGetLastError();
-    dev = 0;
-  }
+  const int dev = device_slot(current_device());
   if (!done[dev].load(std::memory_order_relaxed)) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
         cudaSuccess)

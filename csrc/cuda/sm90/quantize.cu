@@ -35,6 +35,7 @@
 #include "jaxfp4/batch.h"
 #include "jaxfp4/format.h"
 #include "jaxfp4/registry.h"
+#include "../device.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -267,12 +268,8 @@ __global__ void __launch_bounds__(kAmaxThreads) amax_kernel(const void* x, float
 
 // ---- host side ----------------------------------------------------------------
 
-constexpr int kMaxDevices = 64;
-std::atomic<int> g_sm_count[kMaxDevices];
 // Resident blocks per SM, per kernel (3 quantize, 3 amax) and device; 0 = not yet asked.
 std::atomic<int> g_blocks_per_sm[6][kMaxDevices];
-
-int device_slot(int dev) { return dev >= 0 && dev < kMaxDevices ? dev : 0; }
 
 // cudaOccupancyMaxActiveBlocksPerMultiprocessor, cached (a host query: no sync).
 int blocks_per_sm(int kernel_slot, const void* kernel, int threads, int dev) {
@@ -282,19 +279,6 @@ int blocks_per_sm(int kernel_slot, const void* kernel, int threads, int dev) {
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n <= 0) {
       cudaGetLastError();  // clear it; the launch below reports real failures
       return 0;
-    }
-    cached.store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
-int sm_count(int dev) {
-  std::atomic<int>& cached = g_sm_count[device_slot(dev)];
-  int n = cached.load(std::memory_order_relaxed);
-  if (n <= 0) {
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
-      cudaGetLastError();
-      return 132;
     }
     cached.store(n, std::memory_order_relaxed);
   }
