@@ -20,8 +20,8 @@ $PY -c "import jax, jaxfp4; print(jax.devices()); print(jaxfp4.backend_info())"
 
 step "GPU tests"
 timeout 200 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -8
-step "ops and transforms tests with the GPU as default device (the CUDA paths against the oracle)"
-timeout 200 $PY -m pytest -q -ra -p no:cacheprovider tests/test_ops.py tests/test_transforms.py \
+step "ops, transforms, flax and checkpoint tests with the GPU as default device (the CUDA paths)"
+timeout 240 $PY -m pytest -q -ra -p no:cacheprovider tests/test_ops.py tests/test_transforms.py tests/test_flax.py tests/test_dot_general.py tests/test_checkpoint.py \
   2>&1 | tee "$OUT/pytest_ops.log" | tail -8
 
 step example

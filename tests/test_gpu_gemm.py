@@ -153,6 +153,16 @@ def test_w4a16_shapes(rng, n, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k", [1088, 3072])
+def test_w4a16_uneven_k_slices(rng, k):
+    """K splits into warp slices of uneven or odd chunk counts (17 chunks: 8 warps of 2 and one of 1;
+    48 chunks: 16 warps of 3), so the packed kernel's 2-chunk ring stages end on a half-filled one."""
+    for m in (1, 6, 8, 9, 24):
+        check_w4a16(rng, m, 1000, k, layout="128x4", packed=True)
+        check_w4a4(rng, m, 1000, k, a_layout="8x4", layout="linear", packed=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=["bf16", "f16", "f32"])
 @pytest.mark.parametrize("act", [BF16, np.float16], ids=["a_bf16", "a_f16"])
