@@ -1,0 +1,536 @@
+"""Greedy decoding with a Llama-style model in bf16 and NVFP4 (W4A16, W4A4):
+tokens/s, time per output token, and how close the NVFP4 logits stay to bf16.
+
+    python examples/decode.py                          # GPU: llama-3.1-8b; CPU: tiny
+    python examples/decode.py --config tiny --batches 1,4 --tokens 16 --models bf16,nvfp4-w4a16
+    python examples/decode.py --checkpoint /models/Llama-3.1-8B-Instruct-FP4
+
+All models run the SAME flax module; only the projections differ (`linear`:
+"bf16" is nn.Dense, "w4a16"/"w4a4" jaxfp4.flax.Dense); embeddings, norms and
+lm_head stay bf16. Random weights (default): scaled normal, made on the device;
+the NVFP4 models quantize those same bf16 weights. --checkpoint DIR (ModelOpt
+or compressed-tensors NVFP4, via jaxfp4.checkpoint): the NVFP4 models use its
+quantized linears and the bf16 baseline their DEQUANTIZED values
+(jaxfp4.dequantize), so both hold the same weights and differ only in kernels
+and (W4A4) activation quantization.
+
+One function is compiled per (model, batch): a jitted lax.fori_loop over decode
+steps (one token each, a static-length KV cache, donated). The prompt runs
+through the same loop with its tokens forced (prefill); then only the decode
+loop is timed. Accuracy: each NVFP4 model is fed the bf16 model's tokens
+(prompt and generated, teacher-forced) and its logits at every position are
+compared with bf16's (mean cosine similarity, top-1 agreement). With random
+weights the logits are flat, so top-1 flips on near-ties more than it would
+with a trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax import lax
+
+import jaxfp4
+import jaxfp4.flax as jfx
+
+MODELS = {"bf16": "bf16", "nvfp4-w4a16": "w4a16", "nvfp4-w4a4": "w4a4"}  # name -> linear
+Params = dict[str, Any]
+Cache = list[tuple[jax.Array, jax.Array]]
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    rope_theta: float = 10000.0
+    rope_llama3: tuple[float, float, float, float] | None = None  # factor, low, high, orig len
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    bias: tuple[str, ...] = ()  # projections with a bias (e.g. q/k/v_proj for Qwen2)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "Config":
+        d = d.get("text_config", d)
+        heads, rs = d["num_attention_heads"], d.get("rope_scaling") or {}
+        llama3 = (rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"],
+                  rs["original_max_position_embeddings"]) if rs.get("rope_type", rs.get("type")) == "llama3" else None
+        return cls(vocab=d["vocab_size"], hidden=d["hidden_size"], layers=d["num_hidden_layers"],
+                   heads=heads, kv_heads=d.get("num_key_value_heads", heads),
+                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                   ffn=d["intermediate_size"], rope_theta=d.get("rope_theta", 10000.0),
+                   rope_llama3=llama3, norm_eps=d.get("rms_norm_eps", 1e-5),
+                   tie_embeddings=d.get("tie_word_embeddings", False))
+
+
+CONFIGS = {
+    "tiny": Config(vocab=1024, hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, ffn=688),
+    "llama-3.1-8b": Config(vocab=128256, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
+                           ffn=14336, rope_theta=500000.0, rope_llama3=(8.0, 1.0, 4.0, 8192)),
+}
+
+
+# ---- the model -----------------------------------------------------------------------
+
+def inv_freq(cfg: Config) -> np.ndarray:
+    """RoPE inverse frequencies, with Llama 3's long-context rescaling when configured."""
+    f = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
+    if cfg.rope_llama3 is None:
+        return f.astype(np.float32)
+    factor, low, high, orig = cfg.rope_llama3
+    wavelen = 2 * np.pi / f
+    smooth = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)  # 0: long waves, 1: short
+    return ((1 - smooth) * f / factor + smooth * f).astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Array:
+    """Rotates x [B, S, H, D] by position (the half-split layout of HF Llama)."""
+    ang = positions[:, None].astype(jnp.float32) * freqs[None]  # [S, D/2]
+    cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.bfloat16)
+        x32 = x.astype(jnp.float32)
+        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+        return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+class Embed(nn.Module):
+    """A [vocab, hidden] table: token lookup, and the (bf16) lm_head x @ W^T."""
+    vocab: int
+    hidden: int
+
+    def setup(self) -> None:
+        self.weight = self.param("weight", nn.initializers.normal(1.0), (self.vocab, self.hidden),
+                                 jnp.bfloat16)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight, tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("bsd,vd->bsv", x, self.weight, preferred_element_type=jnp.float32)
+
+
+class Projections(nn.Module):
+    """The settings every part of the model shares; `proj` makes one projection,
+    nn.Dense (bf16) or jaxfp4.flax.Dense (NVFP4), with the HF module name."""
+    cfg: Config
+    linear: str = "bf16"  # "bf16" (nn.Dense) | "w4a16" | "w4a4" (jaxfp4.flax.Dense)
+    packing: str | None = None
+    static_input_scale: bool = False
+
+    def settings(self) -> dict[str, Any]:
+        return dict(cfg=self.cfg, linear=self.linear, packing=self.packing, static_input_scale=self.static_input_scale)
+
+    def proj(self, name: str, features: int) -> nn.Module:
+        bias = name in self.cfg.bias
+        if self.linear == "bf16":
+            return nn.Dense(features, use_bias=bias, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                            name=name)
+        return jfx.Dense(features, use_bias=bias, mode=self.linear, dtype=jnp.bfloat16,
+                         weight_packing=self.packing, static_input_scale=self.static_input_scale,
+                         name=name)
+
+
+class Attention(Projections):
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, Any]:
+        c = self.cfg
+        b, s, _ = x.shape
+        q = self.proj("q_proj", c.heads * c.head_dim)(x).reshape(b, s, c.heads, c.head_dim)
+        k = self.proj("k_proj", c.kv_heads * c.head_dim)(x).reshape(b, s, c.kv_heads, c.head_dim)
+        v = self.proj("v_proj", c.kv_heads * c.head_dim)(x).reshape(b, s, c.kv_heads, c.head_dim)
+        freqs = inv_freq(c)
+        q, k = rope(q, positions, freqs), rope(k, positions, freqs)
+        if kv is None:  # no cache: attend to this call's tokens
+            key_pos = positions
+        else:  # write this call's keys/values at their positions, attend to the whole cache
+            start = (0, positions[0], 0, 0)
+            kv = (lax.dynamic_update_slice(kv[0], k, start), lax.dynamic_update_slice(kv[1], v, start))
+            k, v = kv
+            key_pos = jnp.arange(k.shape[1])
+        q = q.reshape(b, s, c.kv_heads, c.heads // c.kv_heads, c.head_dim)  # grouped-query
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+        mask = key_pos[None, :] <= positions[:, None]  # causal, by position: [S, T]
+        scores = jnp.where(mask, scores / math.sqrt(c.head_dim), -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, c.heads * c.head_dim)
+        return self.proj("o_proj", c.hidden)(out), kv
+
+
+class MLP(Projections):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.silu(self.proj("gate_proj", self.cfg.ffn)(x)) * self.proj("up_proj", self.cfg.ffn)(x)
+        return self.proj("down_proj", self.cfg.hidden)(h)
+
+
+class Block(Projections):
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, kv: Any) -> tuple[jax.Array, Any]:
+        kw = self.settings()
+        h, kv = Attention(**kw, name="self_attn")(RMSNorm(self.cfg.norm_eps, name="input_layernorm")(x),
+                                                  positions, kv)
+        x = x + h
+        x = x + MLP(**kw, name="mlp")(RMSNorm(self.cfg.norm_eps, name="post_attention_layernorm")(x))
+        return x, kv
+
+
+class Decoder(Projections):
+    """tokens [B, S] at positions [S] -> (logits float32 [B, S, vocab], cache).
+    With cache=None it is a plain causal forward over the S tokens."""
+
+    def setup(self) -> None:
+        c = self.cfg
+        self.embed_tokens = Embed(c.vocab, c.hidden)
+        self.layers = [Block(**self.settings()) for _ in range(c.layers)]  # named layers_0, layers_1, ...
+        self.norm = RMSNorm(c.norm_eps)
+        if not c.tie_embeddings:
+            self.lm_head = Embed(c.vocab, c.hidden)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array,
+                 cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+        x = self.embed_tokens(tokens)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, positions, None if cache is None else cache[i])
+            new_cache.append(kv)
+        head = self.embed_tokens if self.cfg.tie_embeddings else self.lm_head
+        return head.attend(self.norm(x)), None if cache is None else new_cache
+
+
+def init_cache(cfg: Config, batch: int, max_len: int) -> Cache:
+    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+    return [(jnp.zeros(shape, jnp.bfloat16), jnp.zeros(shape, jnp.bfloat16)) for _ in range(cfg.layers)]
+
+
+# ---- weights -------------------------------------------------------------------------
+
+def hf_name(path: tuple[str, ...]) -> str:
+    """flax path -> HF name: ("layers_3", "mlp", "up_proj") -> "model.layers.3.mlp.up_proj"."""
+    head, *rest = path
+    if head.startswith("layers_"):
+        return ".".join(["model", "layers", head.removeprefix("layers_"), *rest])
+    return ".".join(path if head == "lm_head" else ["model", *path])
+
+
+def param_shapes(cfg: Config) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """The bf16 model's flattened params (shapes only)."""
+    toks = jnp.zeros((1, 1), jnp.int32)
+    tree = jax.eval_shape(Decoder(cfg).init, jax.random.key(0), toks, jnp.zeros((1,), jnp.int32))
+    return traverse_util.flatten_dict(tree["params"])
+
+
+def random_params(cfg: Config, seed: int) -> Params:
+    """Scaled-normal bf16 weights, made on the device one tensor at a time: fan-in
+    scaling, residual outputs (o_proj, down_proj) shrunk by sqrt(2 * layers)."""
+    gen = jax.jit(lambda key, std, shape: (jax.random.normal(key, shape) * std).astype(jnp.bfloat16),
+                  static_argnums=2)
+    flat = {}
+    for i, (path, sd) in enumerate(param_shapes(cfg).items()):
+        std = 1.0
+        if path[-1] == "kernel":
+            std = sd.shape[0] ** -0.5 / (math.sqrt(2 * cfg.layers) if path[-2] in ("o_proj", "down_proj") else 1)
+        elif path[0] == "lm_head":
+            std = 2.0 * cfg.hidden ** -0.5
+        elif path[-1] == "bias" or path[-2].endswith("norm"):
+            flat[path] = (jnp.ones if path[-1] == "weight" else jnp.zeros)(sd.shape, jnp.bfloat16)
+            continue
+        flat[path] = gen(jax.random.fold_in(jax.random.key(seed), i), std, sd.shape)
+    return traverse_util.unflatten_dict(flat)
+
+
+def checkpoint_params(cfg: Config, ckpt: Any) -> Params:
+    """The bf16 baseline of a quantized checkpoint: its linears dequantized
+    (jaxfp4.dequantize), its other tensors as they are."""
+    flat = {}
+    for path in param_shapes(cfg):
+        name = hf_name(path[:-1])
+        if path[-1] in ("kernel", "bias"):
+            lw = ckpt.linears[name]
+            x = jaxfp4.dequantize(jax.device_put(lw.weight), jnp.bfloat16).T if path[-1] == "kernel" else lw.bias
+        elif path[0] == "lm_head" and hf_name(path) not in ckpt.tensors:  # a quantized lm_head
+            x = jaxfp4.dequantize(jax.device_put(ckpt.linears["lm_head"].weight), jnp.bfloat16)
+        else:
+            x = ckpt.tensors[hf_name(path)]
+        flat[path] = jnp.asarray(x, jnp.bfloat16)
+    return traverse_util.unflatten_dict(flat)
+
+
+def nvfp4_params(params: Params, mode: str, packing: str | None, ckpt: Any = None) -> Params:
+    """The NVFP4 model's params: without a checkpoint jaxfp4.flax.quantize_params
+    of the bf16 params (every nn.Dense kernel quantized; jitted, one layer at a
+    time), else dense_params of the checkpoint's linears. The other tensors are
+    shared with `params` (no copy)."""
+    if ckpt is None:
+        quantize = jax.jit(partial(jfx.quantize_params, mode=mode, packing=packing))
+        return {k: quantize(v) if k.startswith("layers_") else v for k, v in params.items()}
+    out = {}
+    for path, x in traverse_util.flatten_dict(params).items():
+        if path[-1] not in ("kernel", "bias"):
+            out[path] = x
+        elif path[-1] == "kernel":
+            lw = ckpt.linears[hf_name(path[:-1])]
+            scale = lw.input_scale if mode == "w4a4" else None
+            dense = jfx.dense_params(lw.weight, input_scale=scale, bias=lw.bias, packing=packing)
+            out.update({(*path[:-1], k): v for k, v in dense.items()})
+    return traverse_util.unflatten_dict(out)
+
+
+# ---- generation ----------------------------------------------------------------------
+
+def make_generate(model: Decoder) -> Callable:
+    """generate(params, cache, tokens [B, L], logits [L, B, V], n_forced, start, stop):
+    steps i in [start, stop) feed tokens[:, i] at position i, store its logits
+    in logits[i] and set tokens[:, i+1] to the greedy token, unless i+1 < n_forced
+    (the forced prefix: prompt or teacher forcing). cache, tokens, logits are donated."""
+    def generate(params, cache, tokens, logits, n_forced, start, stop):
+        def step(i, carry):
+            cache, tokens, logits = carry
+            tok = lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
+            out, cache = model.apply({"params": params}, tok, i[None], cache)
+            logits = lax.dynamic_update_index_in_dim(logits, out[:, 0].astype(logits.dtype), i, 0)
+            forced = lax.dynamic_index_in_dim(tokens, i + 1, axis=1, keepdims=False)
+            nxt = jnp.where(i + 1 < n_forced, forced, jnp.argmax(out[:, 0], -1).astype(jnp.int32))
+            return cache, lax.dynamic_update_index_in_dim(tokens, nxt, i + 1, 1), logits
+        return lax.fori_loop(start, stop, step, (cache, tokens, logits))
+    return jax.jit(generate, donate_argnums=(1, 2, 3))
+
+
+def buffers(cfg: Config, batch: int, max_len: int, tokens: jax.Array | None = None) -> tuple:
+    """Fresh (cache, tokens, logits) for one run."""
+    if tokens is None:
+        tokens = jnp.zeros((batch, max_len), jnp.int32)
+    return init_cache(cfg, batch, max_len), jnp.array(tokens), jnp.zeros((max_len, batch, cfg.vocab), jnp.float32)
+
+
+def compile_all(generate: Callable, params: Params, cfg: Config, batches: list[int], max_len: int) -> dict:
+    """AOT-compiles generate for every batch size, the XLA compiles in parallel threads."""
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    lowered = {b: generate.lower(params, *jax.eval_shape(lambda b=b: buffers(cfg, b, max_len)), i32, i32, i32)
+               for b in batches}
+    with ThreadPoolExecutor(len(batches)) as pool:
+        futures = {b: pool.submit(low.compile) for b, low in lowered.items()}
+        return {b: f.result() for b, f in futures.items()}
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    tokens_per_s: float
+    ms_per_token: float
+    speedup: float | None = None
+    cosine: float | None = None
+    top1: float | None = None
+
+
+def accuracy(logits: jax.Array, ref: jax.Array, n: int) -> tuple[float, float]:
+    """Mean cosine similarity and top-1 agreement of logits vs ref over the first n steps."""
+    a, r = logits[:n].astype(jnp.float32), ref[:n].astype(jnp.float32)
+    cos = jnp.sum(a * r, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(r, axis=-1) + 1e-30)
+    top1 = jnp.argmax(a, -1) == jnp.argmax(r, -1)
+    return float(jnp.mean(cos)), float(jnp.mean(top1))
+
+
+def bench(run: Callable, params: Params, cfg: Config, prompt: jax.Array, ref: tuple | None,
+          prompt_len: int, tokens: int, max_len: int) -> tuple[float, tuple, tuple[float, float] | None]:
+    """One (model, batch): a warm-up run (without `ref`: greedy, giving the reference
+    (tokens, logits); with it: teacher-forced, giving the accuracy), then prefill and
+    the timed decode loop. Returns (decode seconds, ref, accuracy or None)."""
+    n, batch, i32 = prompt_len + tokens, prompt.shape[0], jnp.int32
+    if ref is None:  # the reference model: greedy from the prompt
+        _, *ref = jax.block_until_ready(run(params, *buffers(cfg, batch, max_len, prompt), i32(prompt_len),
+                                            i32(0), i32(n)))
+        acc = None
+    else:  # fed the reference tokens at every position
+        out = run(params, *buffers(cfg, batch, max_len, ref[0]), i32(max_len), i32(0), i32(n))
+        acc = accuracy(out[2], ref[1], n)
+    state = run(params, *buffers(cfg, batch, max_len, prompt), i32(prompt_len), i32(0), i32(prompt_len))
+    jax.block_until_ready(state)  # prefill done
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(params, *state, i32(prompt_len), i32(prompt_len), i32(n)))
+    return time.perf_counter() - t0, tuple(ref), acc
+
+
+class Bar:
+    """A minimal stderr progress bar (when tqdm is not installed)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n, self.note = total, 0, ""
+
+    def set_postfix_str(self, note: str) -> None:
+        self.note = note
+        self.update(0)
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        done = 30 * self.n // max(self.total, 1)
+        print(f"\r[{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total} {self.note:<40}", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        print(file=sys.stderr)
+
+
+def progress(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, file=sys.stderr, unit="run")
+    except ImportError:
+        return Bar(total)
+
+
+# ---- report ------------------------------------------------------------------------
+
+def table(rows: list[Row]) -> str:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    lines = [f"{'model':<13} {'batch':>5} {'tokens/s':>10} {'ms/token':>9} {'vs bf16':>8} "
+             f"{'logit cos':>9} {'top-1':>6}"]
+    for r in rows:
+        lines.append(f"{r.model:<13} {r.batch:>5} {r.tokens_per_s:>10.1f} {r.ms_per_token:>9.2f} "
+                     f"{fmt(r.speedup, '7.2f') + ('x' if r.speedup else ''):>8} "
+                     f"{fmt(r.cosine, '9.4f'):>9} {fmt(r.top1, '6.1%'):>6}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(r.model for r in rows):
+        pts = [(r.batch, r.tokens_per_s) for r in rows if r.model == name]
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="tokens/s (decode)", title=title)
+    ax.set_xticks(sorted({r.batch for r in rows}), labels=sorted({r.batch for r in rows}))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+# ---- main ----------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    gpu = jax.default_backend() == "gpu"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="llama-3.1-8b" if gpu else "tiny")
+    p.add_argument("--checkpoint", help="an NVFP4 checkpoint directory (jaxfp4.checkpoint.load)")
+    p.add_argument("--batches", default="1,4,16,32", help="comma-separated batch sizes")
+    p.add_argument("--tokens", type=int, default=64 if gpu else 16, help="decode steps timed")
+    p.add_argument("--prompt-len", type=int, default=16 if gpu else 8)
+    p.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
+    p.add_argument("--plot", help="PNG path ('' for none); default benchmarks/results/decode_<backend>_<config>.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, help="KV-cache length (default prompt-len + tokens + 1)")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if unknown := set(args.models.split(",")) - set(MODELS):
+        p.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
+    args.models = [m for m in MODELS if m in args.models.split(",")]  # bf16 first: the reference
+    args.max_len = args.max_len or args.prompt_len + args.tokens + 1
+    if args.max_len < args.prompt_len + args.tokens + 1:
+        p.error("--max-len must be at least prompt-len + tokens + 1")
+    return args
+
+
+def load_weights(args: argparse.Namespace) -> tuple[Config, Params, Any, str]:
+    """(config, bf16 params, checkpoint or None, name) for --checkpoint or --config."""
+    if not args.checkpoint:
+        return CONFIGS[args.config], random_params(CONFIGS[args.config], args.seed), None, args.config
+    from jaxfp4 import checkpoint
+    ckpt = checkpoint.load(args.checkpoint)
+    attn = {p: ckpt.linears[f"model.layers.0.self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    cfg = replace(Config.from_hf(ckpt.config), bias=tuple(p for p, lw in attn.items() if lw.bias is not None))
+    return cfg, checkpoint_params(cfg, ckpt), ckpt, os.path.basename(os.path.normpath(args.checkpoint))
+
+
+def report(rows: list[Row], notes: list[str], args: argparse.Namespace, name: str) -> None:
+    base = {r.batch: r.tokens_per_s for r in rows if r.model == "bf16"}
+    for r in rows:
+        r.speedup = r.tokens_per_s / base[r.batch] if r.batch in base else None
+    backend, device = jax.default_backend(), jax.devices()[0].device_kind
+    print(f"\ndecode, {name}, {backend} ({device}): prompt {args.prompt_len}, {args.tokens} timed tokens; "
+          f"accuracy vs bf16 over {args.prompt_len + args.tokens} positions")
+    print(table(rows))
+    print("weights and compile time (all batch sizes):", "; ".join(notes))
+    path = args.plot
+    if path is None:
+        path = str(Path(__file__).resolve().parents[1] / f"benchmarks/results/decode_{backend}_{name}.png")
+    if path:
+        plot(rows, path, f"decode {name} on {device}")
+    print(f"backend: {backend} ({device}); jaxfp4 kernels run: {jaxfp4.backend_info()['kernels_run'] or 'none'}")
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    start = time.perf_counter()
+    args = parse_args(argv)
+    packing = "sm90" if jax.default_backend() == "gpu" else None
+    cfg, base, ckpt, name = load_weights(args)
+    static_scale = ckpt is not None and ckpt.linears["model.layers.0.self_attn.q_proj"].input_scale is not None
+    print(f"{name}: {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads}/{cfg.kv_heads} heads, "
+          f"ffn {cfg.ffn}, vocab {cfg.vocab}; prompt {args.prompt_len}, decode {args.tokens} tokens")
+    prompts = {b: jax.random.randint(jax.random.key(args.seed + b), (b, args.max_len), 0, cfg.vocab, jnp.int32)
+               for b in args.batches}
+    rows, refs, notes = [], {}, []
+    bar = progress(len(args.models) * len(args.batches))
+    for model_name in args.models:  # bf16 first: its runs are the reference
+        linear = MODELS[model_name]
+        params = base if linear == "bf16" else nvfp4_params(base, linear, packing, ckpt)
+        model = Decoder(cfg, linear, packing, static_scale and linear == "w4a4")
+        bar.set_postfix_str(f"compiling {model_name}")
+        t0 = time.perf_counter()
+        runs = compile_all(make_generate(model), params, cfg, args.batches, args.max_len)
+        mib = sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20
+        notes.append(f"{model_name} {mib:.1f} MiB, compiled in {time.perf_counter() - t0:.1f} s")
+        for b in args.batches:
+            bar.set_postfix_str(f"{model_name} batch {b}")
+            secs, ref, acc = bench(runs[b], params, cfg, prompts[b], refs.get(b), args.prompt_len,
+                                   args.tokens, args.max_len)
+            if linear == "bf16":
+                refs[b] = ref
+            cos, top1 = acc or (None, None)
+            rows.append(Row(model_name, b, b * args.tokens / secs, 1e3 * secs / args.tokens, cosine=cos, top1=top1))
+            bar.update(1)
+        del params, runs  # frees an NVFP4 model before the next one is made
+    bar.close()
+    report(rows, notes, args, name)
+    print(f"total time {time.perf_counter() - start:.1f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
