@@ -416,10 +416,12 @@ def main(argv=None) -> int:
     bw = copy_bandwidth()
     print(f"# device-to-device copy: {bw / 1e12:.2f} TB/s", flush=True)
     results: list[Result] = []
-    for n, k in shapes:
+    cmdline = " ".join(sys.argv[1:] if argv is None else argv)
+    for i, (n, k) in enumerate(shapes):
         print(f"## N={n} K={k}", flush=True)
         results += bench_shape(n, k, ms, methods, runs, args.allow_fallback, lambda s: print(s, flush=True))
-    md = write_report(env, bw, results, shapes, ms, Path(args.out), " ".join(sys.argv[1:] if argv is None else argv))
+        # Rewritten after every shape: a run cut short still leaves its finished shapes.
+        md = write_report(env, bw, results, shapes[:i + 1], ms, Path(args.out), cmdline)
     print(f"# wrote {md} and {md.with_suffix('.png')}")
     return 0
 

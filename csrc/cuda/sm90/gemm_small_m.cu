@@ -268,7 +268,10 @@ __device__ __forceinline__ uint32_t shift(uint32_t x) {
 }
 
 // One bf16x2/f16x2 register of raw codes: the magnitude bits shifted by MS,
-// the sign bits by SS, into the target positions of the element type.
+// the sign bits by SS, into the target positions of the element type. (Plain
+// shifts and masks: ptxas balances them between the ALU and FMA pipes itself;
+// spelling the shifts as multiplies moved work off the ALU pipe but lengthened
+// the dependency chains and ran slower on an H200.)
 template <bool F16, int MS, int SS>
 __device__ __forceinline__ uint32_t take(uint32_t x) {
   constexpr uint32_t kSign = 0x80008000u;
@@ -361,20 +364,23 @@ struct ActStage {
 };
 
 // Loads the activations of slot i (chunk c0 + i of the lane's pointers) into at.
-// blk_ok false (the lane's block is past K) loads zeros.
-template <int NT, bool A4>
+// PRED: blk_ok false (the lane's block is past K) loads zeros; without PRED
+// every load is issued (the caller knows the chunk is inside K).
+template <int NT, bool A4, bool PRED = true>
 __device__ __forceinline__ void load_act(ActStage<NT, A4>& at, const uint8_t* const (&ap)[NT],
                                          const uint8_t* const (&asp)[NT], int i, int64_t a_sf_cstride, bool blk_ok) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     if constexpr (A4) {
-      const uint2 v = ld_act8_pred(ap[nt] + static_cast<int64_t>(i) * 32, blk_ok);
-      const uint32_t sc = ld_u8_pred(asp[nt] + static_cast<int64_t>(i) * a_sf_cstride, blk_ok);
+      const uint8_t* q = ap[nt] + static_cast<int64_t>(i) * 32;
+      const uint8_t* sf = asp[nt] + static_cast<int64_t>(i) * a_sf_cstride;
+      const uint2 v = PRED ? ld_act8_pred(q, blk_ok) : ld_act8(q);
+      const uint32_t sc = PRED ? ld_u8_pred(sf, blk_ok) : ld_u8(sf);
       at.act[nt][0] = make_uint4(v.x, v.y, sc, 0);
     } else {
       const uint8_t* q = ap[nt] + static_cast<int64_t>(i) * (kChunk * 2);
-      at.act[nt][0] = ld_act16_pred(q, blk_ok);
-      at.act[nt][1] = ld_act16_pred(q + 16, blk_ok);
+      at.act[nt][0] = PRED ? ld_act16_pred(q, blk_ok) : ld_act16(q);
+      at.act[nt][1] = PRED ? ld_act16_pred(q + 16, blk_ok) : ld_act16(q + 16);
     }
   }
 }

@@ -20,8 +20,11 @@
 #ifndef JAXFP4_PK_WARPS
 #define JAXFP4_PK_WARPS 16  // most warps (K slices) per CTA
 #endif
-#ifndef JAXFP4_PK_MINB
-#define JAXFP4_PK_MINB 1  // CTAs per SM the register budget is sized for
+#ifndef JAXFP4_PK_STAGES_N8
+#define JAXFP4_PK_STAGES_N8 3  // ring stages per warp for M <= 8
+#endif
+#ifndef JAXFP4_PK_MINB_N8
+#define JAXFP4_PK_MINB_N8 1  // CTAs per SM the register budget is sized for, M <= 8
 #endif
 
 namespace jaxfp4 {
@@ -31,11 +34,16 @@ constexpr int kPkWarps = JAXFP4_PK_WARPS;
 // Ring geometry per token-tile count (H200 measurements, benchmarks/kernel/NOTES.md):
 // one token tile (M <= 8) runs 2 chunks per loop trip (half the loop and ring
 // overhead per weight) in a 3-stage ring; with 2 or 4 token tiles the extra
-// activation registers make that spill, so 1 chunk per trip in 4 stages.
+// activation registers would spill, so 1 chunk per trip in 4 stages.
 template <int NT>
 struct PkCfg {
   static constexpr int kCpi = NT == 1 ? 2 : 1;     // chunks of 64 K per ring stage ("item")
-  static constexpr int kStages = NT == 1 ? 3 : 4;  // ring stages per warp
+  static constexpr int kStages = NT == 1 ? JAXFP4_PK_STAGES_N8 : 4;  // ring stages per warp
+  // CTAs per SM the registers are budgeted for (two, i.e. 64 registers, spill).
+  static constexpr int kMinBlocks = NT == 1 ? JAXFP4_PK_MINB_N8 : 1;
+  // Reduction buffers: two alternate by group (one barrier per group); with four
+  // token tiles one (their size would crowd out the ring), and a second barrier.
+  static constexpr int kRedBufs = NT == 4 ? 1 : 2;
   // One stage: the codes of kTPW tiles x kCpi chunks ([tile][chunk], 512 bytes
   // each), then their scales ([tile][chunk], 64 bytes each). Both are
   // contiguous per tile in the packed order, so a lane copies 16-byte pieces.
@@ -47,11 +55,12 @@ struct PkCfg {
 // Shared memory of a CTA with `warps` warps: the reduction buffer, then the rings.
 template <int NT>
 constexpr size_t packed_smem_bytes(int warps) {
-  return static_cast<size_t>(warps) * (kTPW * NT * 4 * 32 * sizeof(float) + PkCfg<NT>::kStages * PkCfg<NT>::kStageBytes);
+  return static_cast<size_t>(warps) *
+         (PkCfg<NT>::kRedBufs * kTPW * NT * 4 * 32 * sizeof(float) + PkCfg<NT>::kStages * PkCfg<NT>::kStageBytes);
 }
 
 template <typename T, int NT, bool A4>
-__global__ void __launch_bounds__(kPkWarps * 32, JAXFP4_PK_MINB)
+__global__ void __launch_bounds__(kPkWarps * 32, PkCfg<NT>::kMinBlocks)
     gemm_packed_kernel(const __grid_constant__ Params p) {
   constexpr int S = PkCfg<NT>::kStages;
   constexpr int kPkCpi = PkCfg<NT>::kCpi;
@@ -76,8 +85,8 @@ __global__ void __launch_bounds__(kPkWarps * 32, JAXFP4_PK_MINB)
   const int mine = max(0, min(p.chunks_per_warp, p.chunks - c0));
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  float* const red = reinterpret_cast<float*>(smem_raw);  // [nwarps][F]
-  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + nwarps * F * 4 +
+  float* const red = reinterpret_cast<float*>(smem_raw);  // [kRedBufs][nwarps][F]
+  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + PkCfg<NT>::kRedBufs * nwarps * F * 4 +
                         warp * S * kPkStageBytes;
 
   // ---- producer: cp.async of the next item (group pg, chunk c0 + pi) ----------------
@@ -104,13 +113,22 @@ __global__ void __launch_bounds__(kPkWarps * 32, JAXFP4_PK_MINB)
     if (items > 0 && pg < ngroups) {
       const uint32_t dst = ring + qi * kPkStageBytes;
       const int nck = min(kPkCpi, mine - pit * kPkCpi);  // chunks in this item
+      if (nck == kPkCpi) {
 #pragma unroll
-      for (int tp = 0; tp < kTPW; ++tp) {
+        for (int tp = 0; tp < kTPW; ++tp)
 #pragma unroll
-        for (int ci = 0; ci < kPkCpi; ++ci)
-          if (ci < nck) cp_async16(dst + (tp * kPkCpi + ci) * kPackedChunkBytes + lane * 16, wsrc[tp] + ci * kPackedChunkBytes);
-        wsrc[tp] += kPkCpi * kPackedChunkBytes;
+          for (int ci = 0; ci < kPkCpi; ++ci)
+            cp_async16(dst + (tp * kPkCpi + ci) * kPackedChunkBytes + lane * 16, wsrc[tp] + ci * kPackedChunkBytes);
+      } else {  // the short last item of a group: its first chunks only
+#pragma unroll
+        for (int tp = 0; tp < kTPW; ++tp)
+#pragma unroll
+          for (int ci = 0; ci < kPkCpi; ++ci)
+            if (ci < nck)
+              cp_async16(dst + (tp * kPkCpi + ci) * kPackedChunkBytes + lane * 16, wsrc[tp] + ci * kPackedChunkBytes);
       }
+#pragma unroll
+      for (int tp = 0; tp < kTPW; ++tp) wsrc[tp] += kPkCpi * kPackedChunkBytes;
       if (lane < kPkScalePieces && (lane % kPiecesPerTile) < 4 * nck)
         cp_async16(dst + kTPW * kPkCpi * kPackedChunkBytes + lane * 16, ssrc);
       ssrc += kPkCpi * kPackedScaleBytes;
@@ -154,17 +172,37 @@ __global__ void __launch_bounds__(kPkWarps * 32, JAXFP4_PK_MINB)
   if constexpr (A4) alpha = (p.a_g[ia] * p.b_g[ib]) * 16384.0f;
   const int64_t out_base = z * static_cast<int64_t>(p.M) * p.N;
 
+  const bool full_k = p.C % 4 == 0;  // K is a whole number of chunks
   for (int k = 0; k < S - 1; ++k) issue();
   int qc = 0;  // ring stage of the item being computed
   for (int grp = 0; grp < ngroups; ++grp) {
+    // Activation pointers of this item's first chunk (advanced per item, reset per group).
+    const uint8_t* aq[NT];
+    const uint8_t* asq[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      aq[nt] = ap[nt];
+      asq[nt] = asp[nt];
+    }
     for (int it = 0; it < items; ++it) {
       const int i0 = it * kPkCpi;
       // Activations first (L1/L2 hits): they land while the weights are dequantized.
+      // Unpredicated unless the item is short or holds the last block of a ragged K.
       ActStage<NT, A4> at[kPkCpi];
+      if (i0 + kPkCpi <= mine && (full_k || c0 + i0 + kPkCpi < p.chunks)) {
 #pragma unroll
-      for (int ci = 0; ci < kPkCpi; ++ci) {
-        const bool blk_ok = 4 * (c0 + i0 + ci) + t < p.C;  // false only past a ragged K's end
-        load_act<NT, A4>(at[ci], ap, asp, i0 + ci, p.a_sf_cstride, blk_ok);
+        for (int ci = 0; ci < kPkCpi; ++ci) load_act<NT, A4, false>(at[ci], aq, asq, ci, p.a_sf_cstride, true);
+      } else {
+#pragma unroll
+        for (int ci = 0; ci < kPkCpi; ++ci) {
+          const bool blk_ok = i0 + ci < mine && 4 * (c0 + i0 + ci) + t < p.C;
+          load_act<NT, A4, true>(at[ci], aq, asq, ci, p.a_sf_cstride, blk_ok);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        aq[nt] += kPkCpi * (A4 ? kChunk / 2 : kChunk * 2);
+        if constexpr (A4) asq[nt] += kPkCpi * p.a_sf_cstride;
       }
       cp_async_wait<S - 2>();  // this item's stage has landed (for this lane) ...
       __syncwarp();            // ... for every lane, and the stage read last item is free
@@ -185,7 +223,11 @@ __global__ void __launch_bounds__(kPkWarps * 32, JAXFP4_PK_MINB)
       }
       qc = qc + 1 == S ? 0 : qc + 1;
     }
-    // ---- the group's outputs: K slices added in warp order, scaled, stored ----
+    // ---- the group's outputs: the warps' K slices added (a fixed tree: deterministic),
+    // scaled, stored. With two reduction buffers alternating by group one barrier
+    // per group suffices: a buffer is rewritten two groups later, after every
+    // thread has passed the next group's barrier and so finished reading it.
+    float* const rb = red + (PkCfg<NT>::kRedBufs == 2 ? (grp & 1) * nwarps * F : 0);
     const int tile0 = (g_begin + grp) * kTPW;
 #pragma unroll
     for (int tp = 0; tp < kTPW; ++tp)
@@ -193,18 +235,23 @@ __global__ void __launch_bounds__(kPkWarps * 32, JAXFP4_PK_MINB)
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          red[warp * F + ((tp * NT + nt) * 4 + j) * 32 + lane] = acc[tp][nt][j];
+          rb[warp * F + ((tp * NT + nt) * 4 + j) * 32 + lane] = acc[tp][nt][j];
           acc[tp][nt][j] = 0.0f;
         }
     __syncthreads();
     for (int idx = threadIdx.x; idx < F; idx += blockDim.x) {
-      float v = red[idx];
-      for (int w = 1; w < nwarps; ++w) v += red[w * F + idx];  // fixed order: deterministic
+      float v[kPkWarps];
+#pragma unroll
+      for (int w = 0; w < kPkWarps; ++w) v[w] = w < nwarps ? rb[w * F + idx] : 0.0f;
+#pragma unroll
+      for (int h = 1; h < kPkWarps; h *= 2)
+#pragma unroll
+        for (int w = 0; w + h < kPkWarps; w += 2 * h) v[w] += v[w + h];
       const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
       store_out(p, out_base, alpha, (tile0 + tp) * 16 + (ln >> 2) + 8 * (j >> 1), m0 + 8 * nt + 2 * (ln & 3) + (j & 1),
-                v);
+                v[0]);
     }
-    __syncthreads();
+    if constexpr (PkCfg<NT>::kRedBufs == 1) __syncthreads();  // the buffer is read before it is rewritten
   }
   cp_async_wait<0>();
 }
