@@ -3,16 +3,21 @@ tokens/s, time per output token, and how close the NVFP4 logits stay to bf16.
 
     python examples/decode.py                          # GPU: llama-3.1-8b; CPU: tiny
     python examples/decode.py --config tiny --batches 1,4 --tokens 16 --models bf16,nvfp4-w4a16
-    python examples/decode.py --checkpoint /models/Llama-3.1-8B-Instruct-FP4
+    python examples/decode.py --checkpoint /models/Llama-3.1-8B-Instruct-FP4 [--no-fuse]
 
 All models run the SAME flax module; only the projections differ (`linear`:
 "bf16" is nn.Dense, "w4a16"/"w4a4" jaxfp4.flax.Dense); embeddings, norms and
-lm_head stay bf16. Random weights (default): scaled normal, made on the device;
-the NVFP4 models quantize those same bf16 weights. --checkpoint DIR (ModelOpt
-or compressed-tensors NVFP4, via jaxfp4.checkpoint): the NVFP4 models use its
+lm_head stay bf16. In every model (unless --no-fuse) the projections that share
+an input are fused, their weights concatenated along the outputs: qkv_proj
+(split into q, k, v) and gate_up_proj (gate, up): fewer, larger GEMMs and, for
+W4A4, fewer activation quantizations. Random weights (default): scaled normal,
+made on the device per projection (fused or not, the same bf16 model); the
+NVFP4 models quantize those same bf16 weights. --checkpoint DIR (ModelOpt or
+compressed-tensors NVFP4, via jaxfp4.checkpoint): the NVFP4 models use its
 quantized linears and the bf16 baseline their DEQUANTIZED values
 (jaxfp4.dequantize), so both hold the same weights and differ only in kernels
-and (W4A4) activation quantization.
+and (W4A4) activation quantization. Its parts concatenate exactly only if
+their global scales are equal: the model is fused only if they are everywhere.
 
 One function is compiled per (model, batch): a jitted lax.fori_loop over decode
 steps (one token each, a static-length KV cache, donated). The prompt runs
@@ -48,6 +53,7 @@ import jaxfp4
 import jaxfp4.flax as jfx
 
 MODELS = {"bf16": "bf16", "nvfp4-w4a16": "w4a16", "nvfp4-w4a4": "w4a4"}  # name -> linear
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # name -> parts
 Params = dict[str, Any]
 Cache = list[tuple[jax.Array, jax.Array]]
 
@@ -138,17 +144,26 @@ class Embed(nn.Module):
 
 class Projections(nn.Module):
     """The settings every part of the model shares; `proj` makes one projection,
-    nn.Dense (bf16) or jaxfp4.flax.Dense (NVFP4), with the HF module name."""
+    nn.Dense (bf16) or jaxfp4.flax.Dense (NVFP4), with the HF module name (or a
+    FUSED name); `projs` applies the parts of a FUSED group, fused or not."""
     cfg: Config
     linear: str = "bf16"  # "bf16" (nn.Dense) | "w4a16" | "w4a4" (jaxfp4.flax.Dense)
     packing: str | None = None
     static_input_scale: bool = False
+    fused: bool = True  # qkv_proj and gate_up_proj instead of their parts
 
     def settings(self) -> dict[str, Any]:
-        return dict(cfg=self.cfg, linear=self.linear, packing=self.packing, static_input_scale=self.static_input_scale)
+        return dict(cfg=self.cfg, linear=self.linear, packing=self.packing,
+                    static_input_scale=self.static_input_scale, fused=self.fused)
+
+    def projs(self, name: str, x: jax.Array, *features: int) -> list[jax.Array]:
+        """The outputs of FUSED[name]'s parts (of these features) for input x."""
+        if not self.fused:
+            return [self.proj(part, n)(x) for part, n in zip(FUSED[name], features)]
+        return jnp.split(self.proj(name, sum(features))(x), np.cumsum(features[:-1]), axis=-1)
 
     def proj(self, name: str, features: int) -> nn.Module:
-        bias = name in self.cfg.bias
+        bias = any(part in self.cfg.bias for part in FUSED.get(name, (name,)))
         if self.linear == "bf16":
             return nn.Dense(features, use_bias=bias, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                             name=name)
@@ -163,9 +178,8 @@ class Attention(Projections):
                  kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, Any]:
         c = self.cfg
         b, s, _ = x.shape
-        q = self.proj("q_proj", c.heads * c.head_dim)(x).reshape(b, s, c.heads, c.head_dim)
-        k = self.proj("k_proj", c.kv_heads * c.head_dim)(x).reshape(b, s, c.kv_heads, c.head_dim)
-        v = self.proj("v_proj", c.kv_heads * c.head_dim)(x).reshape(b, s, c.kv_heads, c.head_dim)
+        q, k, v = (y.reshape(b, s, -1, c.head_dim) for y in
+                   self.projs("qkv_proj", x, *(n * c.head_dim for n in (c.heads, c.kv_heads, c.kv_heads))))
         freqs = inv_freq(c)
         q, k = rope(q, positions, freqs), rope(k, positions, freqs)
         if kv is None:  # no cache: attend to this call's tokens
@@ -187,8 +201,8 @@ class Attention(Projections):
 class MLP(Projections):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.silu(self.proj("gate_proj", self.cfg.ffn)(x)) * self.proj("up_proj", self.cfg.ffn)(x)
-        return self.proj("down_proj", self.cfg.hidden)(h)
+        gate, up = self.projs("gate_up_proj", x, self.cfg.ffn, self.cfg.ffn)
+        return self.proj("down_proj", self.cfg.hidden)(nn.silu(gate) * up)
 
 
 class Block(Projections):
@@ -241,17 +255,50 @@ def hf_name(path: tuple[str, ...]) -> str:
 
 
 def param_shapes(cfg: Config) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    """The bf16 model's flattened params (shapes only)."""
+    """The unfused bf16 model's flattened params (shapes only)."""
     toks = jnp.zeros((1, 1), jnp.int32)
-    tree = jax.eval_shape(Decoder(cfg).init, jax.random.key(0), toks, jnp.zeros((1,), jnp.int32))
+    tree = jax.eval_shape(Decoder(cfg, fused=False).init, jax.random.key(0), toks, jnp.zeros((1,), jnp.int32))
     return traverse_util.flatten_dict(tree["params"])
 
 
-def random_params(cfg: Config, seed: int) -> Params:
+def fuse_params(params: Params) -> Params:
+    """The unfused model's bf16 params -> the fused model's: the kernels [K, N_i]
+    (and biases; a missing one is zeros) of each FUSED group's parts concatenated
+    along N, in order. Other params are shared (no copy)."""
+    def fuse(module: dict) -> dict:
+        out = {k: v for k, v in module.items() if not any(k in parts for parts in FUSED.values())}
+        for name, parts in FUSED.items():
+            if ps := [module[part] for part in parts if part in module]:
+                out[name] = {"kernel": jnp.concatenate([p["kernel"] for p in ps], axis=1)}
+                if any("bias" in p for p in ps):
+                    out[name]["bias"] = jnp.concatenate(
+                        [p.get("bias", jnp.zeros(p["kernel"].shape[1:], p["kernel"].dtype)) for p in ps])
+        return out
+    return {k: {m: fuse(v) for m, v in layer.items()} if k.startswith("layers_") else layer
+            for k, layer in params.items()}
+
+
+def concat_rows(ws: list[jaxfp4.NVFP4Tensor]) -> jaxfp4.NVFP4Tensor:
+    """NVFP4 weights [N_i, K] with one global scale -> [sum N_i, K], exactly: the
+    codes and the linear block scales concatenated along N."""
+    if len(ws) == 1:
+        return ws[0]
+    if any(float(w.global_scale) != float(ws[0].global_scale) for w in ws):
+        raise ValueError("only weights with equal global scales concatenate exactly")
+    ws = [w.with_sf_layout("linear") for w in ws]
+    data, scales = (jnp.concatenate([getattr(w, a) for w in ws]) for a in ("data", "scales"))
+    return jaxfp4.NVFP4Tensor(data, scales, ws[0].global_scale, "linear")
+
+
+@partial(jax.jit, static_argnums=2)
+def scaled_normal(key: jax.Array, std: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return (jax.random.normal(key, shape) * std).astype(jnp.bfloat16)
+
+
+def random_params(cfg: Config, seed: int, fused: bool = True) -> Params:
     """Scaled-normal bf16 weights, made on the device one tensor at a time: fan-in
-    scaling, residual outputs (o_proj, down_proj) shrunk by sqrt(2 * layers)."""
-    gen = jax.jit(lambda key, std, shape: (jax.random.normal(key, shape) * std).astype(jnp.bfloat16),
-                  static_argnums=2)
+    scaling, residual outputs (o_proj, down_proj) shrunk by sqrt(2 * layers).
+    Made per projection, then (fused) fuse_params: the same model either way."""
     flat = {}
     for i, (path, sd) in enumerate(param_shapes(cfg).items()):
         std = 1.0
@@ -262,44 +309,51 @@ def random_params(cfg: Config, seed: int) -> Params:
         elif path[-1] == "bias" or path[-2].endswith("norm"):
             flat[path] = (jnp.ones if path[-1] == "weight" else jnp.zeros)(sd.shape, jnp.bfloat16)
             continue
-        flat[path] = gen(jax.random.fold_in(jax.random.key(seed), i), std, sd.shape)
-    return traverse_util.unflatten_dict(flat)
+        flat[path] = scaled_normal(jax.random.fold_in(jax.random.key(seed), i), std, sd.shape)
+    params = traverse_util.unflatten_dict(flat)
+    return fuse_params(params) if fused else params
 
 
-def checkpoint_params(cfg: Config, ckpt: Any) -> Params:
-    """The bf16 baseline of a quantized checkpoint: its linears dequantized
-    (jaxfp4.dequantize), its other tensors as they are."""
-    flat = {}
+def checkpoint_params(cfg: Config, ckpt: Any, fuse: bool = True) -> tuple[Params, bool]:
+    """(bf16 params, fused): the bf16 baseline of a quantized checkpoint, its
+    linears dequantized (jaxfp4.dequantize), its other tensors as they are;
+    fused (fuse_params) if `fuse` and, in every layer, the parts of each FUSED
+    group have equal global scales (weight_scale_2, and input_scale if stored)."""
+    flat, scales = {}, {}  # scales: (layer, module, fused name) -> {(g, g_a) of its parts}
     for path in param_shapes(cfg):
         name = hf_name(path[:-1])
         if path[-1] in ("kernel", "bias"):
             lw = ckpt.linears[name]
             x = jaxfp4.dequantize(jax.device_put(lw.weight), jnp.bfloat16).T if path[-1] == "kernel" else lw.bias
+            group = next((f for f, parts in FUSED.items() if path[-2] in parts), path[-2])
+            scales.setdefault((*path[:-2], group), set()).add(
+                tuple(None if g is None else float(g) for g in (lw.weight.global_scale, lw.input_scale)))
         elif path[0] == "lm_head" and hf_name(path) not in ckpt.tensors:  # a quantized lm_head
             x = jaxfp4.dequantize(jax.device_put(ckpt.linears["lm_head"].weight), jnp.bfloat16)
         else:
             x = ckpt.tensors[hf_name(path)]
         flat[path] = jnp.asarray(x, jnp.bfloat16)
-    return traverse_util.unflatten_dict(flat)
+    fused = fuse and all(len(s) == 1 for s in scales.values())
+    params = traverse_util.unflatten_dict(flat)
+    return fuse_params(params) if fused else params, fused
 
 
 def nvfp4_params(params: Params, mode: str, packing: str | None, ckpt: Any = None) -> Params:
-    """The NVFP4 model's params: without a checkpoint jaxfp4.flax.quantize_params
-    of the bf16 params (every nn.Dense kernel quantized; jitted, one layer at a
-    time), else dense_params of the checkpoint's linears. The other tensors are
-    shared with `params` (no copy)."""
+    """The NVFP4 model's params (fused like the bf16 `params`): without a
+    checkpoint jaxfp4.flax.quantize_params of the bf16 params (every nn.Dense
+    kernel quantized; jitted, one layer at a time), else dense_params of the
+    checkpoint's linears (a fused one: concat_rows of its parts). The other
+    tensors, biases included, are shared with `params` (no copy)."""
     if ckpt is None:
         quantize = jax.jit(partial(jfx.quantize_params, mode=mode, packing=packing))
         return {k: quantize(v) if k.startswith("layers_") else v for k, v in params.items()}
-    out = {}
-    for path, x in traverse_util.flatten_dict(params).items():
-        if path[-1] not in ("kernel", "bias"):
-            out[path] = x
-        elif path[-1] == "kernel":
-            lw = ckpt.linears[hf_name(path[:-1])]
-            scale = lw.input_scale if mode == "w4a4" else None
-            dense = jfx.dense_params(lw.weight, input_scale=scale, bias=lw.bias, packing=packing)
-            out.update({(*path[:-1], k): v for k, v in dense.items()})
+    flat = traverse_util.flatten_dict(params)
+    out = {path: x for path, x in flat.items() if path[-1] != "kernel"}
+    for path in (p for p in flat if p[-1] == "kernel"):
+        lws = [ckpt.linears[hf_name((*path[:-2], part))] for part in FUSED.get(path[-2], (path[-2],))]
+        scale = lws[0].input_scale if mode == "w4a4" else None
+        dense = jfx.dense_params(concat_rows([lw.weight for lw in lws]), input_scale=scale, packing=packing)
+        out.update({(*path[:-1], k): v for k, v in dense.items()})
     return traverse_util.unflatten_dict(out)
 
 
@@ -456,6 +510,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", help="PNG path ('' for none); default benchmarks/results/decode_<backend>_<config>.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, help="KV-cache length (default prompt-len + tokens + 1)")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="separate q/k/v and gate/up projections (default: fused qkv_proj, gate_up_proj)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if unknown := set(args.models.split(",")) - set(MODELS):
@@ -467,15 +523,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_weights(args: argparse.Namespace) -> tuple[Config, Params, Any, str]:
-    """(config, bf16 params, checkpoint or None, name) for --checkpoint or --config."""
+def load_weights(args: argparse.Namespace) -> tuple[Config, Params, Any, str, bool]:
+    """(config, bf16 params, checkpoint or None, name, fused) for --checkpoint or --config."""
     if not args.checkpoint:
-        return CONFIGS[args.config], random_params(CONFIGS[args.config], args.seed), None, args.config
+        cfg = CONFIGS[args.config]
+        return cfg, random_params(cfg, args.seed, args.fuse), None, args.config, args.fuse
     from jaxfp4 import checkpoint
     ckpt = checkpoint.load(args.checkpoint)
     attn = {p: ckpt.linears[f"model.layers.0.self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     cfg = replace(Config.from_hf(ckpt.config), bias=tuple(p for p, lw in attn.items() if lw.bias is not None))
-    return cfg, checkpoint_params(cfg, ckpt), ckpt, os.path.basename(os.path.normpath(args.checkpoint))
+    params, fused = checkpoint_params(cfg, ckpt, args.fuse)
+    return cfg, params, ckpt, os.path.basename(os.path.normpath(args.checkpoint)), fused
 
 
 def report(rows: list[Row], notes: list[str], args: argparse.Namespace, name: str) -> None:
@@ -499,10 +557,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     start = time.perf_counter()
     args = parse_args(argv)
     packing = "sm90" if jax.default_backend() == "gpu" else None
-    cfg, base, ckpt, name = load_weights(args)
+    cfg, base, ckpt, name, fused = load_weights(args)
     static_scale = ckpt is not None and ckpt.linears["model.layers.0.self_attn.q_proj"].input_scale is not None
     print(f"{name}: {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads}/{cfg.kv_heads} heads, "
           f"ffn {cfg.ffn}, vocab {cfg.vocab}; prompt {args.prompt_len}, decode {args.tokens} tokens")
+    print("projections: " + ("fused qkv_proj, gate_up_proj" if fused else "unfused (--no-fuse)" if not args.fuse
+                             else "unfused (the checkpoint's q/k/v or gate/up global scales differ)"))
     prompts = {b: jax.random.randint(jax.random.key(args.seed + b), (b, args.max_len), 0, cfg.vocab, jnp.int32)
                for b in args.batches}
     rows, refs, notes = [], {}, []
@@ -510,7 +570,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for model_name in args.models:  # bf16 first: its runs are the reference
         linear = MODELS[model_name]
         params = base if linear == "bf16" else nvfp4_params(base, linear, packing, ckpt)
-        model = Decoder(cfg, linear, packing, static_scale and linear == "w4a4")
+        model = Decoder(cfg, linear, packing, static_scale and linear == "w4a4", fused)
         bar.set_postfix_str(f"compiling {model_name}")
         t0 = time.perf_counter()
         runs = compile_all(make_generate(model), params, cfg, args.batches, args.max_len)

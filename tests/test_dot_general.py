@@ -111,15 +111,23 @@ def test_nnx_linear(rng):
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 @pytest.mark.parametrize("as_spec", [False, True])
 def test_out_sharding(rng, axis_type, as_spec):
-    mesh = jax.make_mesh((4,), ("x",), (axis_type,), devices=jax.devices("cpu")[:4])
+    # All on the CPU devices (4 from conftest.py's XLA_FLAGS), also where the default
+    # backend is a GPU: the mesh, the inputs (committed to it) and the reference.
+    cpus = jax.devices("cpu")
+    if len(cpus) < 4:
+        pytest.skip(f"needs 4 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=4), got {len(cpus)}")
+    mesh = jax.make_mesh((4,), ("x",), (axis_type,), devices=cpus[:4])
     sharding = NamedSharding(mesh, P("x", None))
-    x = jnp.asarray(rng.standard_normal((8, 48)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((48, 20)), jnp.float32)
+    x = rng.standard_normal((8, 48)).astype(np.float32)
+    kernel = rng.standard_normal((48, 20)).astype(np.float32)
     with jax.set_mesh(mesh):
         f = lambda a, b: jaxfp4.dot_general(a, b, DN, out_sharding=sharding.spec if as_spec else sharding)
-        got = jax.jit(f)(x, kernel)
+        got = jax.jit(f)(*jax.device_put((x, kernel), NamedSharding(mesh, P())))
     assert got.sharding.is_equivalent_to(sharding, 2)
-    _eq(got, _want(x, kernel))
+    assert got.sharding.device_set == set(cpus[:4])
+    with jax.default_device(cpus[0]):
+        want = _want(x, kernel)
+    _eq(got, want)
 
 
 @pytest.mark.parametrize("args,kw,exc,match", [
