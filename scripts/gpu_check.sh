@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU change must pass, in one go, on a machine with an NVIDIA GPU
 # and the toolchain already installed (the project's device machine): build,
-# the whole test suite on the GPU, the example, the quick GEMM benchmark, and
+# the whole test suite on the GPU, the decode example, the quick GEMM benchmark, and
 # compute-sanitizer memcheck/racecheck over the GPU tests. Each step has a time
 # limit so that one slow step cannot eat the others. Logs go to ${OUT:-.out}/.
 #   bash scripts/gpu_check.sh [--full-bench|--no-bench]
@@ -19,13 +19,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $PY -c "import jax, jaxfp4; print(jax.devices()); print(jaxfp4.backend_info())"
 
 step "GPU tests"
-timeout 200 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -8
+timeout 300 $PY -m pytest -q -ra -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -8
 step "ops, transforms, flax and checkpoint tests with the GPU as default device (the CUDA paths)"
-timeout 240 $PY -m pytest -q -ra -p no:cacheprovider tests/test_ops.py tests/test_transforms.py tests/test_flax.py tests/test_dot_general.py tests/test_checkpoint.py \
+timeout 240 $PY -m pytest -q -ra -p no:cacheprovider tests/test_ops.py tests/test_transforms.py tests/test_flax.py tests/test_dot_general.py tests/test_checkpoint.py tests/test_decode_example.py \
   2>&1 | tee "$OUT/pytest_ops.log" | tail -8
 
-step example
-timeout 60 $PY examples/quickstart.py 2>&1 | tee "$OUT/quickstart.log"
+step "example: decode (Llama-3.1-8B shapes)"
+timeout 240 $PY examples/decode.py --plot "$OUT/decode.png" 2>&1 | grep -v "run/s" | tee "$OUT/decode.log" | tail -24
 
 case "${1:-}" in
   --no-bench) ;;
