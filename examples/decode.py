@@ -4,6 +4,7 @@ tokens/s, time per output token, and how close the NVFP4 logits stay to bf16.
     python examples/decode.py                          # GPU: llama-3.1-8b; CPU: tiny
     python examples/decode.py --config tiny --batches 1,4 --tokens 16 --models bf16,nvfp4-w4a16
     python examples/decode.py --checkpoint /models/Llama-3.1-8B-Instruct-FP4 [--no-fuse]
+    python examples/decode.py --models bf16,nvfp4-w4a4 --dynamic-act-scale
 
 All models run the SAME flax module; only the projections differ (`linear`:
 "bf16" is nn.Dense, "w4a16"/"w4a4" jaxfp4.flax.Dense); embeddings, norms and
@@ -18,6 +19,14 @@ quantized linears and the bf16 baseline their DEQUANTIZED values
 (jaxfp4.dequantize), so both hold the same weights and differ only in kernels
 and (W4A4) activation quantization. Its parts concatenate exactly only if
 their global scales are equal: the model is fused only if they are everywhere.
+
+W4A4 activation scales are STATIC by default, as in deployed NVFP4 models: each
+projection quantizes its input with a fixed decode scale g_a (ModelOpt's
+`input_scale`): one quantize launch, no amax pass. They are the checkpoint's if
+all its linears have one, else calibrated as ModelOpt does (calibrate): the bf16
+model runs causally over the batches' random token rows plus --calib-seqs random
+sequences, and each projection takes g_a = amax / (6 * 448) of its inputs.
+--dynamic-act-scale computes g_a from every activation's amax on the fly.
 
 One function is compiled per (model, batch): a jitted lax.fori_loop over decode
 steps (one token each, a static-length KV cache, donated). The prompt runs
@@ -56,6 +65,7 @@ MODELS = {"bf16": "bf16", "nvfp4-w4a16": "w4a16", "nvfp4-w4a4": "w4a4"}  # name 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # name -> parts
 Params = dict[str, Any]
 Cache = list[tuple[jax.Array, jax.Array]]
+Scales = dict[tuple[str, ...], jax.Array]  # projection path -> its static input scale g_a
 
 
 @dataclass(frozen=True)
@@ -338,23 +348,73 @@ def checkpoint_params(cfg: Config, ckpt: Any, fuse: bool = True) -> tuple[Params
     return fuse_params(params) if fused else params, fused
 
 
-def nvfp4_params(params: Params, mode: str, packing: str | None, ckpt: Any = None) -> Params:
+def parts(ckpt: Any, path: tuple[str, ...]) -> list[Any]:
+    """The checkpoint linears behind the projection at `path` (a FUSED one: its parts)."""
+    return [ckpt.linears[hf_name((*path[:-1], part))] for part in FUSED.get(path[-1], (path[-1],))]
+
+
+def nvfp4_params(params: Params, mode: str, packing: str | None, ckpt: Any = None,
+                 input_scales: Scales | None = None) -> Params:
     """The NVFP4 model's params (fused like the bf16 `params`): without a
     checkpoint jaxfp4.flax.quantize_params of the bf16 params (every nn.Dense
     kernel quantized; jitted, one layer at a time), else dense_params of the
     checkpoint's linears (a fused one: concat_rows of its parts). The other
-    tensors, biases included, are shared with `params` (no copy)."""
+    tensors, biases included, are shared with `params` (no copy). W4A4 with
+    static activation scales: `input_scales` {projection path: g_a} are added."""
     if ckpt is None:
         quantize = jax.jit(partial(jfx.quantize_params, mode=mode, packing=packing))
-        return {k: quantize(v) if k.startswith("layers_") else v for k, v in params.items()}
-    flat = traverse_util.flatten_dict(params)
-    out = {path: x for path, x in flat.items() if path[-1] != "kernel"}
-    for path in (p for p in flat if p[-1] == "kernel"):
-        lws = [ckpt.linears[hf_name((*path[:-2], part))] for part in FUSED.get(path[-2], (path[-2],))]
-        scale = lws[0].input_scale if mode == "w4a4" else None
-        dense = jfx.dense_params(concat_rows([lw.weight for lw in lws]), input_scale=scale, packing=packing)
-        out.update({(*path[:-1], k): v for k, v in dense.items()})
+        out = traverse_util.flatten_dict({k: quantize(v) if k.startswith("layers_") else v
+                                          for k, v in params.items()})
+    else:
+        flat = traverse_util.flatten_dict(params)
+        out = {path: x for path, x in flat.items() if path[-1] != "kernel"}
+        for path in (p[:-1] for p in flat if p[-1] == "kernel"):
+            dense = jfx.dense_params(concat_rows([lw.weight for lw in parts(ckpt, path)]), packing=packing)
+            out.update({(*path, k): v for k, v in dense.items()})
+    out.update({(*path, "input_scale"): g for path, g in (input_scales or {}).items()})
     return traverse_util.unflatten_dict(out)
+
+
+# ---- static activation scales ----------------------------------------------------------
+
+def calibrate(cfg: Config, params: Params, tokens: jax.Array, fused: bool = True) -> Scales:
+    """Max calibration (as ModelOpt's): the bf16 model's causal forward over tokens
+    [R, S], a method interceptor (the model is unchanged) sowing every nn.Dense's
+    input amax into "intermediates"; each projection gets g_a = amax / (6 * 448),
+    which puts amax on the largest NVFP4 value (E2M1 6 x E4M3 448). {path: g_a}."""
+    def record(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            context.module.sow("intermediates", "input_amax", jnp.max(jnp.abs(args[0])).astype(jnp.float32),
+                               reduce_fn=jnp.maximum, init_fn=lambda: jnp.float32(0.0))
+        return next_fun(*args, **kwargs)
+
+    @jax.jit
+    def input_amax(params: Params, tokens: jax.Array) -> Params:
+        with nn.intercept_methods(record):
+            _, state = Decoder(cfg, fused=fused).apply({"params": params}, tokens, jnp.arange(tokens.shape[1]),
+                                                       mutable=["intermediates"])
+        return state["intermediates"]  # the logits are unused: XLA drops the lm_head
+    amax = traverse_util.flatten_dict(input_amax(params, tokens))
+    return {path[:-1]: jnp.maximum(a / (6 * 448), jnp.finfo(jnp.float32).tiny)  # > 0 for an all-zero input
+            for path, a in amax.items()}
+
+
+def activation_scales(args: argparse.Namespace, cfg: Config, params: Params, ckpt: Any, fused: bool,
+                      rows: list[jax.Array]) -> tuple[Scales | None, str]:
+    """(the W4A4 models' input scales {projection path: g_a}, how made): None with
+    --dynamic-act-scale; the checkpoint's if all its linears have one (a fused
+    projection: its parts', equal where fused); else calibrate over `rows` (the
+    batches' random token rows, max_len each) and --calib-seqs more of max_len."""
+    if args.dynamic_act_scale:
+        return None, "dynamic"
+    if ckpt is not None:
+        lws = {p[:-1]: parts(ckpt, p[:-1]) for p in traverse_util.flatten_dict(params) if p[-1] == "kernel"}
+        if all(lw.input_scale is not None for ps in lws.values() for lw in ps):
+            scales = {path: jnp.asarray(ps[0].input_scale, jnp.float32) for path, ps in lws.items()}
+            return scales, "static (checkpoint)"
+    key = jax.random.fold_in(jax.random.key(args.seed), 0xCA1)  # apart from the prompts' keys
+    tokens = jnp.concatenate([*rows, jax.random.randint(key, (args.calib_seqs, args.max_len), 0, cfg.vocab)])
+    return calibrate(cfg, params, tokens, fused), f"static (calibrated on {tokens.size} tokens)"
 
 
 # ---- generation ----------------------------------------------------------------------
@@ -512,6 +572,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, help="KV-cache length (default prompt-len + tokens + 1)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="separate q/k/v and gate/up projections (default: fused qkv_proj, gate_up_proj)")
+    p.add_argument("--dynamic-act-scale", action="store_true", help="W4A4: dynamic activation global "
+                   "scales (an amax pass per projection), not static ones (the checkpoint's or calibrated)")
+    p.add_argument("--calib-seqs", type=int, default=4, help="extra random sequences to calibrate on")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if unknown := set(args.models.split(",")) - set(MODELS):
@@ -558,19 +621,24 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     packing = "sm90" if jax.default_backend() == "gpu" else None
     cfg, base, ckpt, name, fused = load_weights(args)
-    static_scale = ckpt is not None and ckpt.linears["model.layers.0.self_attn.q_proj"].input_scale is not None
     print(f"{name}: {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads}/{cfg.kv_heads} heads, "
           f"ffn {cfg.ffn}, vocab {cfg.vocab}; prompt {args.prompt_len}, decode {args.tokens} tokens")
     print("projections: " + ("fused qkv_proj, gate_up_proj" if fused else "unfused (--no-fuse)" if not args.fuse
                              else "unfused (the checkpoint's q/k/v or gate/up global scales differ)"))
     prompts = {b: jax.random.randint(jax.random.key(args.seed + b), (b, args.max_len), 0, cfg.vocab, jnp.int32)
                for b in args.batches}
-    rows, refs, notes = [], {}, []
+    rows, refs, notes, t0, scales = [], {}, [], time.perf_counter(), None
+    if "nvfp4-w4a4" in args.models:
+        scales, how = activation_scales(args, cfg, base, ckpt, fused, list(prompts.values()))
+        print(f"activation scales: {how}")
+        if "calibrated" in how:
+            notes.append(f"input scales calibrated in {time.perf_counter() - t0:.1f} s")
     bar = progress(len(args.models) * len(args.batches))
     for model_name in args.models:  # bf16 first: its runs are the reference
         linear = MODELS[model_name]
-        params = base if linear == "bf16" else nvfp4_params(base, linear, packing, ckpt)
-        model = Decoder(cfg, linear, packing, static_scale and linear == "w4a4", fused)
+        static = linear == "w4a4" and scales is not None
+        params = base if linear == "bf16" else nvfp4_params(base, linear, packing, ckpt, scales if static else None)
+        model = Decoder(cfg, linear, packing, static, fused)
         bar.set_postfix_str(f"compiling {model_name}")
         t0 = time.perf_counter()
         runs = compile_all(make_generate(model), params, cfg, args.batches, args.max_len)
