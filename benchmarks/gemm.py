@@ -15,15 +15,22 @@ Methods (out = A [M, K] @ W [N, K]^T in bfloat16):
   jax_scaled_matmul   jax.nn.scaled_matmul, float4_e2m1fn data + LINEAR e4m3 scales,
                       times g_a * g_b (activations quantized OUTSIDE the timed region)
   xla_dequant_dot     NVFP4 weights dequantized to bf16 by jnp ops, then a bf16 dot
-  jaxfp4_w4a16        jaxfp4.matmul(bf16 activations, NVFP4 weights)
-  jaxfp4_w4a16_packed the same with jaxfp4.prepare_weights weights
-  jaxfp4_w4a4_8x4     jaxfp4.quantize(a, g_a, sf_layout="8x4") + jaxfp4.matmul,
-  jaxfp4_w4a4_128x4   ... "128x4": activation quantization inside the timed region
+  jaxfp4_w4a16        jaxfp4.matmul(bf16 activations, NVFP4 weights in checkpoint order)
+  jaxfp4_w4a16_packed the same with jaxfp4.prepare_weights weights (what users and
+                      examples/decode.py run: the order the GPU kernel loads fastest)
+  jaxfp4_w4a4_8x4     jaxfp4.quantize(a, g_a, sf_layout="8x4") + jaxfp4.matmul, activation
+                      quantization (static g_a) inside the timed region, checkpoint-order weights
+  jaxfp4_w4a4_8x4_packed    the same with jaxfp4.prepare_weights weights
+  jaxfp4_w4a4_128x4         ... with "128x4" activation scales, checkpoint-order weights
+  jaxfp4_w4a4_128x4_packed  ... with "128x4" activation scales, prepared weights
   read_floor          csrc/cuda/bench_stream.cu: streams the same NVFP4 weight bytes
                       (codes + scales) with 16-byte loads and an SM-sized grid
 
 Usage: python benchmarks/gemm.py [--quick] [--shapes 28672x4096,8192x8192] [--ms 1,8,32]
+                                 [--methods jaxfp4_w4a16_packed,jaxfp4_w4a4_8x4_packed,read_floor]
 Writes benchmarks/results/<card>.md and <card>.png.
+--smoke: a few seconds on tiny shapes (CPU allowed, results to a temporary folder
+unless --out): checks that the script runs, measures nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -55,9 +63,27 @@ FULL_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 8192]
 QUICK_SHAPES = [(28672, 4096), (8192, 8192)]
 QUICK_MS = [1, 8, 16, 32, 128]
 BASELINES = ("xla_bf16", "xla_fp8", "jax_scaled_matmul", "xla_dequant_dot")
-JAXFP4 = ("jaxfp4_w4a16", "jaxfp4_w4a16_packed", "jaxfp4_w4a4_8x4", "jaxfp4_w4a4_128x4")
+JAXFP4 = ("jaxfp4_w4a16", "jaxfp4_w4a16_packed",
+          "jaxfp4_w4a4_8x4", "jaxfp4_w4a4_8x4_packed",
+          "jaxfp4_w4a4_128x4", "jaxfp4_w4a4_128x4_packed")
 METHODS = BASELINES + JAXFP4
 MIN_ROTATION_BYTES = 128 << 20  # > 2 x L2 on H100 (50 MB) and H200 (60 MB)
+RESULTS = Path(__file__).resolve().parent / "results"
+# --smoke: does the script run? (tiny shapes, R = 2, 2 runs; CPU allowed)
+SMOKE_SHAPES = [(128, 256)]
+SMOKE_MS = [1, 64]
+SMOKE_NOTE = ("- **SMOKE RUN** (`--smoke`: tiny shapes, R = 2, 2 runs, small copy-bandwidth buffer): "
+              "checks that the script runs; the numbers are NOT measurements")
+
+
+def is_packed(method: str) -> bool:
+    """Whether a jaxfp4 method runs on jaxfp4.prepare_weights weights."""
+    return method.endswith("_packed")
+
+
+def w4a4_layout(method: str) -> str | None:
+    """The activation sf_layout of a W4A4 method ("jaxfp4_w4a4_8x4_packed" -> "8x4"), else None."""
+    return method.split("_")[2] if method.startswith("jaxfp4_w4a4_") else None
 
 
 # ---- environment -----------------------------------------------------------------
@@ -157,14 +183,24 @@ def _enqueue(many, args, times: int) -> float:
     return dt
 
 
-def time_calls(call, acts: list, weights: list, runs: int, big: bool = False) -> float:
+def time_calls(call, acts: list, weights: list, runs: int, big: bool = False, chain: bool = False) -> float:
     """Median seconds per call of `call(act, weight)`, R = len(acts) unrolled calls
-    in one jit (call i uses acts[i] and weights[i % len(weights)])."""
+    in one jit (call i uses acts[i] and weights[i % len(weights)]).
+
+    chain: call i's activation passes through an optimization barrier with call
+    i-1's output, so XLA cannot fuse independent calls into one kernel
+    (horizontal fusion of elementwise ops); the barrier itself costs nothing."""
     r, nw = len(acts), len(weights)
 
     @jax.jit
     def many(acts, weights):
-        return [call(acts[i], weights[i % nw]) for i in range(r)]
+        outs = []
+        for i in range(r):
+            a = acts[i]
+            if chain and outs:
+                a, _ = lax.optimization_barrier((a, outs[-1]))
+            outs.append(call(a, weights[i % nw]))
+        return outs
 
     args = (acts, weights)
     jax.block_until_ready(many(*args))  # compile + warm up
@@ -190,19 +226,26 @@ def read_floor(nbytes: int, runs: int, r: int = 32) -> float:
 
 # ---- one shape -----------------------------------------------------------------------
 
+def lowering_platform() -> str:
+    """The platform name jaxfp4's lowerings record ("cuda" on NVIDIA GPUs, else e.g. "cpu")."""
+    backend = jax.default_backend()
+    return "cuda" if backend == "gpu" else backend
+
+
 def lowered_gemm_path() -> str:
-    return jaxfp4.backend_info()["lowered"].get("gemm[cuda]", "?")
+    return jaxfp4.backend_info()["lowered"].get(f"gemm[{lowering_platform()}]", "?")
 
 
 def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, allow_fallback: bool,
-                log) -> list[Result]:
+                log, calls=calls_for) -> list[Result]:
+    """Results of `methods` at [M, K] x [N, K] for M in ms; `calls(m)` is R."""
     results: list[Result] = []
     key = jax.random.key(n * 7 + k)
     kw, ka = jax.random.split(key)
     w_bf16 = jax.random.normal(kw, (n, k), jnp.bfloat16)
     w = jaxfp4.quantize(w_bf16, sf_layout="128x4")          # NVFP4 weights (dynamic g)
     nv_bytes = fmt.nvfp4_bytes(n, k)
-    r_max = max(calls_for(m) for m in ms)
+    r_max = max(calls(m) for m in ms)
 
     if "read_floor" in methods:
         try:
@@ -218,7 +261,7 @@ def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, al
     # Activations: R distinct [M, K] bf16 per M, and a static activation scale.
     acts_by_m, g_a_by_m = {}, {}
     for m in ms:
-        a_keys = jax.random.split(jax.random.fold_in(ka, m), calls_for(m))
+        a_keys = jax.random.split(jax.random.fold_in(ka, m), calls(m))
         acts_by_m[m] = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in a_keys]
         amax = max(float(jnp.max(jnp.abs(a.astype(jnp.float32)))) for a in acts_by_m[m])
         g_a_by_m[m] = jnp.float32(amax / 2688.0)
@@ -233,7 +276,7 @@ def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, al
             d4, s_lin, g = jaxfp4.to_scaled_matmul_operands(w)
             d = d4 if method == "jax_scaled_matmul" else w.data
             return [(a, b, g) for a, b in zip(copies(d, r_max), copies(s_lin, r_max))]
-        src = jaxfp4.prepare_weights(w) if method == "jaxfp4_w4a16_packed" else w
+        src = jaxfp4.prepare_weights(w) if is_packed(method) else w
         return [src] + [jax.tree.map(lambda x: jnp.array(x, copy=True), src) for _ in range(r_max - 1)]
 
     def make_call(method: str, m: int):
@@ -255,7 +298,7 @@ def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, al
             return (lambda a, wq: dot_nt(a, dequant_bf16(*wq), preferred_element_type=jnp.bfloat16)), acts
         if method in ("jaxfp4_w4a16", "jaxfp4_w4a16_packed"):
             return (lambda a, wq: jaxfp4.matmul(a, wq, out_dtype=jnp.bfloat16)), acts
-        layout = "8x4" if method.endswith("8x4") else "128x4"
+        layout = w4a4_layout(method)
         return (lambda a, wq: jaxfp4.matmul(jaxfp4.quantize(a, g_a, sf_layout=layout), wq,
                                             out_dtype=jnp.bfloat16)), acts
 
@@ -266,7 +309,7 @@ def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, al
             wts = weight_set(method)
         except Exception as e:  # noqa: BLE001
             note = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            log(f"  {method:20s} weights FAILED {note}")
+            log(f"  {method:24s} weights FAILED {note}")
             results += [Result((n, k), m, method, None, note=note) for m in ms]
             continue
         for m in ms:
@@ -280,15 +323,15 @@ def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, al
                     if res.path == "reference" and not allow_fallback:
                         res.note = "skipped: no native kernel in this build (reference fallback)"
                         results.append(res)
-                        log(f"  M={m:5d} {method:20s} skipped ({res.path})")
+                        log(f"  M={m:5d} {method:24s} skipped ({res.path})")
                         continue
                 t = time_calls(call, args, wts, runs, big=m > 256)
                 res.us = t * 1e6
-                log(f"  M={m:5d} {method:20s} {res.us:10.1f} us  {2 * m * n * k / t / 1e12:8.1f} TFLOP/s"
+                log(f"  M={m:5d} {method:24s} {res.us:10.1f} us  {2 * m * n * k / t / 1e12:8.1f} TFLOP/s"
                     f"  {res.path}")
             except Exception as e:  # noqa: BLE001
                 res.note = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                log(f"  M={m:5d} {method:20s} FAILED {res.note}")
+                log(f"  M={m:5d} {method:24s} FAILED {res.note}")
                 if os.environ.get("JAXFP4_BENCH_TRACEBACK"):
                     traceback.print_exc()
             results.append(res)
@@ -302,11 +345,13 @@ def tflops(m, n, k, us):
     return 2 * m * n * k / (us * 1e-6) / 1e12 if us else None
 
 
-def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_dir: Path, argv: str) -> Path:
+def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_dir: Path, argv: str,
+                 smoke: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     card = env["card"]
     md = out_dir / f"{card}.md"
     lines = [f"# jaxfp4 GEMM benchmark: {env['device_kind']}", "",
+             *([SMOKE_NOTE] if smoke else []),
              f"- card: {env['device_kind']} ({env['nvidia_smi']})",
              f"- driver CUDA version: {env['driver_cuda']}; XLA platform: {env['platform_version']}",
              f"- jax {env['jax']}, jaxlib {env['jaxlib']}, python {env['python']}",
@@ -321,7 +366,9 @@ def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_di
              "jaxfp4_bench_stream_read), M <= 32 only; `vs bf16` and `vs best other`: speed-up "
              "(other time / this time) over xla_bf16 and over the fastest non-jaxfp4 method of the row",
              "- jax_scaled_matmul gets pre-quantized activations (its quantization is NOT timed); "
-             "jaxfp4 W4A4 quantizes activations (static g_a) inside the timed region", ""]
+             "jaxfp4 W4A4 quantizes activations (static g_a) inside the timed region",
+             "- `_packed`: weights from jaxfp4.prepare_weights (what users and examples/decode.py run); "
+             "the other jaxfp4 rows read weights in checkpoint order", ""]
     by = {(r.shape, r.m, r.method): r for r in results}
     for n, k in shapes:
         floor = next((r for r in results if r.shape == (n, k) and r.method == "read_floor" and r.us), None)
@@ -354,6 +401,17 @@ def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_di
     return md
 
 
+def plot_style(method: str) -> dict:
+    """Line style of a method: baselines thin with squares; a jaxfp4 path one color
+    per kernel, solid on prepared weights, dotted on checkpoint-order weights."""
+    if method == "read_floor":
+        return dict(ls="--", color="k", lw=1)
+    if method in BASELINES:
+        return dict(marker="s", ms=3, lw=1, alpha=0.8, color=f"C{BASELINES.index(method)}")
+    color = "C4" if "w4a16" in method else "C6" if w4a4_layout(method) == "8x4" else "C9"
+    return dict(marker="o", ms=3, color=color, **(dict(lw=1.8) if is_packed(method) else dict(ls=":")))
+
+
 def plot(results, shapes, ms, path: Path, env) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -369,9 +427,8 @@ def plot(results, shapes, ms, path: Path, env) -> None:
             if not pts:
                 continue
             pts.sort()
-            style = dict(ls="--", color="k", lw=1) if method == "read_floor" else dict(marker="o", ms=3)
             label = "read floor, M <= 32 (weight bytes streamed)" if method == "read_floor" else method
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **plot_style(method))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("M (tokens)")
@@ -392,6 +449,25 @@ def parse_shapes(s: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in part.lower().split("x")) for part in s.split(",") if part]
 
 
+def parse_methods(ap: argparse.ArgumentParser, spec: str | None, known: tuple[str, ...]) -> list[str]:
+    """The methods of a comma-separated --methods value (all of `known` when None);
+    an unknown name is a usage error that lists the known ones."""
+    if not spec:
+        return list(known)
+    methods = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        ap.error(f"--methods: unknown {unknown or spec!r}; choose from {','.join(known)}")
+    return methods
+
+
+def out_dir(out: str | None, smoke: bool) -> Path:
+    """--out, else benchmarks/results (a fresh temporary folder for a smoke run)."""
+    if out:
+        return Path(out)
+    return Path(tempfile.mkdtemp(prefix="jaxfp4_bench_smoke_")) if smoke else RESULTS
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shapes (28672,4096),(8192,8192); M 1,8,16,32,128")
@@ -399,29 +475,39 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", help="M list, e.g. 1,8,32")
     ap.add_argument("--methods", help="comma-separated subset of: " + ",".join(METHODS + ("read_floor",)))
     ap.add_argument("--runs", type=int, default=10, help="timed runs per point (median; >= 10)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out", help="results folder (default benchmarks/results; with --smoke a temporary one)")
     ap.add_argument("--allow-fallback", action="store_true",
                     help="also time jaxfp4 paths that lower to the pure-JAX reference")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long check on tiny shapes (CPU allowed), not a measurement")
     args = ap.parse_args(argv)
-    shapes = parse_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else FULL_SHAPES
-    ms = [int(v) for v in args.ms.split(",")] if args.ms else QUICK_MS if args.quick else FULL_MS
-    methods = args.methods.split(",") if args.methods else list(METHODS) + ["read_floor"]
-    runs = max(args.runs, 1)
+    smoke = args.smoke
+    shapes = (parse_shapes(args.shapes) if args.shapes else SMOKE_SHAPES if smoke
+              else QUICK_SHAPES if args.quick else FULL_SHAPES)
+    ms = ([int(v) for v in args.ms.split(",")] if args.ms else SMOKE_MS if smoke
+          else QUICK_MS if args.quick else FULL_MS)
+    methods = parse_methods(ap, args.methods, METHODS + ("read_floor",))
+    if smoke and not args.methods:
+        methods.remove("read_floor")  # CUDA only, and thousands of buffers for a tiny weight
+    runs = 2 if smoke else max(args.runs, 1)
+    out = out_dir(args.out, smoke)
 
     env = environment()
     print(f"# {env['device_kind']} | driver {env['nvidia_smi']} | CUDA {env['driver_cuda']} | "
           f"jax {env['jax']} | {env['platform_version']}", flush=True)
     info = jaxfp4.backend_info()
     print(f"# jaxfp4 cuda_build={info['cuda_build']} targets={info['targets'].get('cuda', [])}", flush=True)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(8 << 20, runs=2) if smoke else copy_bandwidth()
     print(f"# device-to-device copy: {bw / 1e12:.2f} TB/s", flush=True)
     results: list[Result] = []
     cmdline = " ".join(sys.argv[1:] if argv is None else argv)
+    calls = (lambda m: 2) if smoke else calls_for
     for i, (n, k) in enumerate(shapes):
         print(f"## N={n} K={k}", flush=True)
-        results += bench_shape(n, k, ms, methods, runs, args.allow_fallback, lambda s: print(s, flush=True))
+        results += bench_shape(n, k, ms, methods, runs, args.allow_fallback, lambda s: print(s, flush=True),
+                               calls=calls)
         # Rewritten after every shape: a run cut short still leaves its finished shapes.
-        md = write_report(env, bw, results, shapes[:i + 1], ms, Path(args.out), cmdline)
+        md = write_report(env, bw, results, shapes[:i + 1], ms, out, cmdline, smoke=smoke)
     print(f"# wrote {md} and {md.with_suffix('.png')}")
     return 0
 

@@ -1,0 +1,122 @@
+"""The benchmark scripts run end to end (`--smoke`: tiny shapes, CPU allowed)
+and their pure-Python parts (method names, R, goals) do what their docstrings
+say. No speed is measured here."""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def gemm():
+    sys.path.insert(0, str(BENCH))  # benchmarks/ is not a package; quantize.py imports gemm
+    return importlib.import_module("gemm")
+
+
+@pytest.fixture(scope="module")
+def qbench(gemm):
+    return importlib.import_module("quantize")
+
+
+def _rows(md: Path) -> list[list[str]]:
+    """The table rows (cells) of a report, header and separator rows left out."""
+    rows = []
+    for line in md.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].isdigit():
+            rows.append(cells)
+    return rows
+
+
+# ---- gemm.py ---------------------------------------------------------------------------
+
+def test_gemm_method_names(gemm):
+    assert {"jaxfp4_w4a4_8x4_packed", "jaxfp4_w4a4_128x4_packed"} <= set(gemm.METHODS)
+    assert {m for m in gemm.METHODS if gemm.is_packed(m)} == {
+        "jaxfp4_w4a16_packed", "jaxfp4_w4a4_8x4_packed", "jaxfp4_w4a4_128x4_packed"}
+    assert gemm.w4a4_layout("jaxfp4_w4a4_8x4") == "8x4"
+    assert gemm.w4a4_layout("jaxfp4_w4a4_8x4_packed") == "8x4"
+    assert gemm.w4a4_layout("jaxfp4_w4a4_128x4_packed") == "128x4"
+    assert gemm.w4a4_layout("jaxfp4_w4a16_packed") is None
+
+
+def test_gemm_smoke_reports_every_method(gemm, tmp_path):
+    assert gemm.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (md,) = tmp_path.glob("*.md")
+    assert md.with_suffix(".png").exists()
+    assert "SMOKE RUN" in md.read_text()
+    rows = _rows(md)
+    for m in gemm.SMOKE_MS:
+        timed = {r[1] for r in rows if int(r[0]) == m and r[2] != "-"}
+        assert timed == set(gemm.METHODS), (m, [r for r in rows if r[2] == "-"])
+
+
+def test_gemm_methods_option_takes_the_packed_w4a4(gemm, tmp_path):
+    new = ["jaxfp4_w4a4_8x4_packed", "jaxfp4_w4a4_128x4_packed"]
+    assert gemm.main(["--smoke", "--ms", "1", "--methods", ",".join(new), "--out", str(tmp_path)]) == 0
+    (md,) = tmp_path.glob("*.md")
+    rows = _rows(md)
+    assert [r[1] for r in rows] == new and all(r[2] != "-" for r in rows)
+    assert all("jaxfp4_gemm_w4a4" in r[-1] for r in rows)
+
+
+def test_gemm_rejects_unknown_methods(gemm, capsys):
+    with pytest.raises(SystemExit):
+        gemm.main(["--smoke", "--methods", "jaxfp4_w4a4_8x4_prepared"])
+    assert "jaxfp4_w4a4_8x4_packed" in capsys.readouterr().err  # lists the known names
+
+
+# ---- quantize.py -----------------------------------------------------------------------
+
+def test_quantize_method_names(qbench):
+    assert len(qbench.JAXFP4) == 6 and qbench.METHODS[0] == "xla_convert_fp8"
+    assert qbench.method_parts("jaxfp4_dynamic_128x4") == (True, "128x4")
+    assert qbench.method_parts("jaxfp4_static_linear") == (False, "linear")
+    assert qbench.applies("jaxfp4_static_8x4", 128) and not qbench.applies("jaxfp4_static_8x4", 1024)
+    assert qbench.applies("jaxfp4_dynamic_128x4", 8192) and qbench.applies("xla_convert_fp8", 8192)
+
+
+def test_quantize_calls_rotate_past_l2(qbench, gemm):
+    """R >= the GEMM benchmark's R, <= MAX_CALLS, and over 2x a 60 MB L2 from M = 128 (K = 8192)."""
+    for m, k in qbench.FULL_SHAPES:
+        spec = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+        out = qbench.nbytes(jax.eval_shape(qbench.make_call("jaxfp4_dynamic_128x4"), spec, None))
+        moved = m * k * 2 + out
+        r = qbench.n_calls(m, moved)
+        assert gemm.calls_for(m) <= r <= qbench.MAX_CALLS
+        if m >= 128:
+            assert r * moved > 2 * 60e6, (m, r, moved)
+    assert qbench.n_calls(8192, 1 << 30, smoke=True) == 2
+
+
+def test_quantize_goals(qbench):
+    assert qbench.goal("jaxfp4_static_8x4", 32, 8192, 4.9, 1.0) == "<= 5 us: yes"
+    assert qbench.goal("jaxfp4_static_8x4", 1, 8192, 5.1, 1.0) == "<= 5 us: NO"
+    assert qbench.goal("jaxfp4_static_128x4", 8192, 8192, 50.0, 85.0) == ">= 80% copy: yes"
+    assert qbench.goal("jaxfp4_dynamic_128x4", 8192, 8192, 50.0, 79.9) == ">= 80% copy: NO"
+    assert qbench.goal("jaxfp4_static_128x4", 1024, 8192, 20.0, 50.0) == ""
+    assert qbench.goal("xla_convert_fp8", 1, 8192, 2.0, 10.0) == ""
+
+
+def test_quantize_smoke_reports_every_method(qbench, tmp_path):
+    assert qbench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (md,) = tmp_path.glob("*_quantize.md")
+    assert md.with_suffix(".png").exists()
+    rows = _rows(md)
+    for m, _ in qbench.SMOKE_SHAPES:
+        timed = {r[1] for r in rows if int(r[0]) == m and r[2] != "-"}
+        assert timed == {meth for meth in qbench.METHODS if qbench.applies(meth, m)}, m
+    for r in rows:
+        us, moved, rate = (float(v) for v in r[2:5])
+        assert us > 0 and moved >= 0 and math.isfinite(rate)
+        if r[1].startswith("jaxfp4_dynamic"):
+            assert r[-1].startswith("jaxfp4_quantize_dynamic -> ")
+        elif r[1].startswith("jaxfp4_static"):
+            assert r[-1].startswith("jaxfp4_quantize -> ")
