@@ -6,28 +6,19 @@ tokens/s, time per output token, and how close the NVFP4 logits stay to bf16.
     python examples/decode.py --checkpoint /models/Llama-3.1-8B-Instruct-FP4 [--no-fuse]
     python examples/decode.py --models bf16,nvfp4-w4a4 --dynamic-act-scale
 
-All models run the SAME flax module; only the projections differ (`linear`:
-"bf16" is nn.Dense, "w4a16"/"w4a4" jaxfp4.flax.Dense); embeddings, norms and
-lm_head stay bf16. In every model (unless --no-fuse) the projections that share
-an input are fused, their weights concatenated along the outputs: qkv_proj
-(split into q, k, v) and gate_up_proj (gate, up): fewer, larger GEMMs and, for
-W4A4, fewer activation quantizations. Random weights (default): scaled normal,
-made on the device per projection (fused or not, the same bf16 model); the
-NVFP4 models quantize those same bf16 weights. --checkpoint DIR (ModelOpt or
-compressed-tensors NVFP4, via jaxfp4.checkpoint): the NVFP4 models use its
-quantized linears and the bf16 baseline their DEQUANTIZED values
-(jaxfp4.dequantize), so both hold the same weights and differ only in kernels
-and (W4A4) activation quantization. Its parts concatenate exactly only if
-their global scales are equal: the model is fused only if they are everywhere.
+The model and its weights are in llama.py, next to this file: all models run the
+same flax module, only the projections differ (bf16 or NVFP4), fused into
+qkv_proj and gate_up_proj unless --no-fuse. Weights are random (default; the
+NVFP4 models quantize the same bf16 weights) or, with --checkpoint DIR
+(ModelOpt or compressed-tensors NVFP4), the checkpoint's: the NVFP4 models use
+its quantized linears and the bf16 baseline their dequantized values, so the
+models differ only in kernels and (W4A4) activation quantization.
 
-W4A4 activation scales are STATIC by default, as in deployed NVFP4 models: each
-projection quantizes its input with a fixed decode scale g_a (ModelOpt's
-`input_scale`): one quantize launch, no amax pass. They are the checkpoint's if
-all its linears have one, else calibrated as ModelOpt does (calibrate): the bf16
-model runs causally over the batches' random token rows plus --calib-seqs random
-sequences, and each projection takes g_a = amax / (6 * 448) of its inputs.
---dynamic-act-scale computes g_a from every activation's amax on the fly.
-
+W4A4 activation scales are STATIC by default, as in deployed NVFP4 models (a
+fixed g_a per projection, ModelOpt's `input_scale`: one quantize launch, no
+amax pass): the checkpoint's if all its linears have one, else calibrated
+(llama.calibrate) over the batches' random token rows plus --calib-seqs random
+sequences. --dynamic-act-scale computes g_a from every activation's amax on the fly.
 One function is compiled per (model, batch): a jitted lax.fori_loop over decode
 steps (one token each, a static-length KV cache, donated). The prompt runs
 through the same loop with its tokens forced (prefill); then only the decode
@@ -41,363 +32,30 @@ with a trained model.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 from jax import lax
 
 import jaxfp4
-import jaxfp4.flax as jfx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # llama.py, from any cwd or when loaded by path
+from llama import (CONFIGS, Config, Decoder, Params, Scales, calibrate, checkpoint_params,  # noqa: E402
+                   init_cache, nvfp4_params, parts, random_params)
+from llama import RMSNorm, hf_name  # noqa: E402,F401  (re-exported: the tests reach them through this module)
 
 MODELS = {"bf16": "bf16", "nvfp4-w4a16": "w4a16", "nvfp4-w4a4": "w4a4"}  # name -> linear
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # name -> parts
-Params = dict[str, Any]
-Cache = list[tuple[jax.Array, jax.Array]]
-Scales = dict[tuple[str, ...], jax.Array]  # projection path -> its static input scale g_a
-
-
-@dataclass(frozen=True)
-class Config:
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    rope_theta: float = 10000.0
-    rope_llama3: tuple[float, float, float, float] | None = None  # factor, low, high, orig len
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    bias: tuple[str, ...] = ()  # projections with a bias (e.g. q/k/v_proj for Qwen2)
-
-    @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "Config":
-        d = d.get("text_config", d)
-        heads, rs = d["num_attention_heads"], d.get("rope_scaling") or {}
-        llama3 = (rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"],
-                  rs["original_max_position_embeddings"]) if rs.get("rope_type", rs.get("type")) == "llama3" else None
-        return cls(vocab=d["vocab_size"], hidden=d["hidden_size"], layers=d["num_hidden_layers"],
-                   heads=heads, kv_heads=d.get("num_key_value_heads", heads),
-                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                   ffn=d["intermediate_size"], rope_theta=d.get("rope_theta", 10000.0),
-                   rope_llama3=llama3, norm_eps=d.get("rms_norm_eps", 1e-5),
-                   tie_embeddings=d.get("tie_word_embeddings", False))
-
-
-CONFIGS = {
-    "tiny": Config(vocab=1024, hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, ffn=688),
-    "llama-3.1-8b": Config(vocab=128256, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
-                           ffn=14336, rope_theta=500000.0, rope_llama3=(8.0, 1.0, 4.0, 8192)),
-}
-
-
-# ---- the model -----------------------------------------------------------------------
-
-def inv_freq(cfg: Config) -> np.ndarray:
-    """RoPE inverse frequencies, with Llama 3's long-context rescaling when configured."""
-    f = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
-    if cfg.rope_llama3 is None:
-        return f.astype(np.float32)
-    factor, low, high, orig = cfg.rope_llama3
-    wavelen = 2 * np.pi / f
-    smooth = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)  # 0: long waves, 1: short
-    return ((1 - smooth) * f / factor + smooth * f).astype(np.float32)
-
-
-def rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Array:
-    """Rotates x [B, S, H, D] by position (the half-split layout of HF Llama)."""
-    ang = positions[:, None].astype(jnp.float32) * freqs[None]  # [S, D/2]
-    cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    eps: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.bfloat16)
-        x32 = x.astype(jnp.float32)
-        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-        return (y * w.astype(jnp.float32)).astype(x.dtype)
-
-
-class Embed(nn.Module):
-    """A [vocab, hidden] table: token lookup, and the (bf16) lm_head x @ W^T."""
-    vocab: int
-    hidden: int
-
-    def setup(self) -> None:
-        self.weight = self.param("weight", nn.initializers.normal(1.0), (self.vocab, self.hidden),
-                                 jnp.bfloat16)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.weight, tokens, axis=0)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("bsd,vd->bsv", x, self.weight, preferred_element_type=jnp.float32)
-
-
-class Projections(nn.Module):
-    """The settings every part of the model shares; `proj` makes one projection,
-    nn.Dense (bf16) or jaxfp4.flax.Dense (NVFP4), with the HF module name (or a
-    FUSED name); `projs` applies the parts of a FUSED group, fused or not."""
-    cfg: Config
-    linear: str = "bf16"  # "bf16" (nn.Dense) | "w4a16" | "w4a4" (jaxfp4.flax.Dense)
-    packing: str | None = None
-    static_input_scale: bool = False
-    fused: bool = True  # qkv_proj and gate_up_proj instead of their parts
-
-    def settings(self) -> dict[str, Any]:
-        return dict(cfg=self.cfg, linear=self.linear, packing=self.packing,
-                    static_input_scale=self.static_input_scale, fused=self.fused)
-
-    def projs(self, name: str, x: jax.Array, *features: int) -> list[jax.Array]:
-        """The outputs of FUSED[name]'s parts (of these features) for input x."""
-        if not self.fused:
-            return [self.proj(part, n)(x) for part, n in zip(FUSED[name], features)]
-        return jnp.split(self.proj(name, sum(features))(x), np.cumsum(features[:-1]), axis=-1)
-
-    def proj(self, name: str, features: int) -> nn.Module:
-        bias = any(part in self.cfg.bias for part in FUSED.get(name, (name,)))
-        if self.linear == "bf16":
-            return nn.Dense(features, use_bias=bias, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                            name=name)
-        return jfx.Dense(features, use_bias=bias, mode=self.linear, dtype=jnp.bfloat16,
-                         weight_packing=self.packing, static_input_scale=self.static_input_scale,
-                         name=name)
-
-
-class Attention(Projections):
-    @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, Any]:
-        c = self.cfg
-        b, s, _ = x.shape
-        q, k, v = (y.reshape(b, s, -1, c.head_dim) for y in
-                   self.projs("qkv_proj", x, *(n * c.head_dim for n in (c.heads, c.kv_heads, c.kv_heads))))
-        freqs = inv_freq(c)
-        q, k = rope(q, positions, freqs), rope(k, positions, freqs)
-        if kv is None:  # no cache: attend to this call's tokens
-            key_pos = positions
-        else:  # write this call's keys/values at their positions, attend to the whole cache
-            start = (0, positions[0], 0, 0)
-            kv = (lax.dynamic_update_slice(kv[0], k, start), lax.dynamic_update_slice(kv[1], v, start))
-            k, v = kv
-            key_pos = jnp.arange(k.shape[1])
-        q = q.reshape(b, s, c.kv_heads, c.heads // c.kv_heads, c.head_dim)  # grouped-query
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-        mask = key_pos[None, :] <= positions[:, None]  # causal, by position: [S, T]
-        scores = jnp.where(mask, scores / math.sqrt(c.head_dim), -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, c.heads * c.head_dim)
-        return self.proj("o_proj", c.hidden)(out), kv
-
-
-class MLP(Projections):
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = self.projs("gate_up_proj", x, self.cfg.ffn, self.cfg.ffn)
-        return self.proj("down_proj", self.cfg.hidden)(nn.silu(gate) * up)
-
-
-class Block(Projections):
-    @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, kv: Any) -> tuple[jax.Array, Any]:
-        kw = self.settings()
-        h, kv = Attention(**kw, name="self_attn")(RMSNorm(self.cfg.norm_eps, name="input_layernorm")(x),
-                                                  positions, kv)
-        x = x + h
-        x = x + MLP(**kw, name="mlp")(RMSNorm(self.cfg.norm_eps, name="post_attention_layernorm")(x))
-        return x, kv
-
-
-class Decoder(Projections):
-    """tokens [B, S] at positions [S] -> (logits float32 [B, S, vocab], cache).
-    With cache=None it is a plain causal forward over the S tokens."""
-
-    def setup(self) -> None:
-        c = self.cfg
-        self.embed_tokens = Embed(c.vocab, c.hidden)
-        self.layers = [Block(**self.settings()) for _ in range(c.layers)]  # named layers_0, layers_1, ...
-        self.norm = RMSNorm(c.norm_eps)
-        if not c.tie_embeddings:
-            self.lm_head = Embed(c.vocab, c.hidden)
-
-    def __call__(self, tokens: jax.Array, positions: jax.Array,
-                 cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
-        x = self.embed_tokens(tokens)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, kv = layer(x, positions, None if cache is None else cache[i])
-            new_cache.append(kv)
-        head = self.embed_tokens if self.cfg.tie_embeddings else self.lm_head
-        return head.attend(self.norm(x)), None if cache is None else new_cache
-
-
-def init_cache(cfg: Config, batch: int, max_len: int) -> Cache:
-    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
-    return [(jnp.zeros(shape, jnp.bfloat16), jnp.zeros(shape, jnp.bfloat16)) for _ in range(cfg.layers)]
-
-
-# ---- weights -------------------------------------------------------------------------
-
-def hf_name(path: tuple[str, ...]) -> str:
-    """flax path -> HF name: ("layers_3", "mlp", "up_proj") -> "model.layers.3.mlp.up_proj"."""
-    head, *rest = path
-    if head.startswith("layers_"):
-        return ".".join(["model", "layers", head.removeprefix("layers_"), *rest])
-    return ".".join(path if head == "lm_head" else ["model", *path])
-
-
-def param_shapes(cfg: Config) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    """The unfused bf16 model's flattened params (shapes only)."""
-    toks = jnp.zeros((1, 1), jnp.int32)
-    tree = jax.eval_shape(Decoder(cfg, fused=False).init, jax.random.key(0), toks, jnp.zeros((1,), jnp.int32))
-    return traverse_util.flatten_dict(tree["params"])
-
-
-def fuse_params(params: Params) -> Params:
-    """The unfused model's bf16 params -> the fused model's: the kernels [K, N_i]
-    (and biases; a missing one is zeros) of each FUSED group's parts concatenated
-    along N, in order. Other params are shared (no copy)."""
-    def fuse(module: dict) -> dict:
-        out = {k: v for k, v in module.items() if not any(k in parts for parts in FUSED.values())}
-        for name, parts in FUSED.items():
-            if ps := [module[part] for part in parts if part in module]:
-                out[name] = {"kernel": jnp.concatenate([p["kernel"] for p in ps], axis=1)}
-                if any("bias" in p for p in ps):
-                    out[name]["bias"] = jnp.concatenate(
-                        [p.get("bias", jnp.zeros(p["kernel"].shape[1:], p["kernel"].dtype)) for p in ps])
-        return out
-    return {k: {m: fuse(v) for m, v in layer.items()} if k.startswith("layers_") else layer
-            for k, layer in params.items()}
-
-
-def concat_rows(ws: list[jaxfp4.NVFP4Tensor]) -> jaxfp4.NVFP4Tensor:
-    """NVFP4 weights [N_i, K] with one global scale -> [sum N_i, K], exactly: the
-    codes and the linear block scales concatenated along N."""
-    if len(ws) == 1:
-        return ws[0]
-    if any(float(w.global_scale) != float(ws[0].global_scale) for w in ws):
-        raise ValueError("only weights with equal global scales concatenate exactly")
-    ws = [w.with_sf_layout("linear") for w in ws]
-    data, scales = (jnp.concatenate([getattr(w, a) for w in ws]) for a in ("data", "scales"))
-    return jaxfp4.NVFP4Tensor(data, scales, ws[0].global_scale, "linear")
-
-
-@partial(jax.jit, static_argnums=2)
-def scaled_normal(key: jax.Array, std: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return (jax.random.normal(key, shape) * std).astype(jnp.bfloat16)
-
-
-def random_params(cfg: Config, seed: int, fused: bool = True) -> Params:
-    """Scaled-normal bf16 weights, made on the device one tensor at a time: fan-in
-    scaling, residual outputs (o_proj, down_proj) shrunk by sqrt(2 * layers).
-    Made per projection, then (fused) fuse_params: the same model either way."""
-    flat = {}
-    for i, (path, sd) in enumerate(param_shapes(cfg).items()):
-        std = 1.0
-        if path[-1] == "kernel":
-            std = sd.shape[0] ** -0.5 / (math.sqrt(2 * cfg.layers) if path[-2] in ("o_proj", "down_proj") else 1)
-        elif path[0] == "lm_head":
-            std = 2.0 * cfg.hidden ** -0.5
-        elif path[-1] == "bias" or path[-2].endswith("norm"):
-            flat[path] = (jnp.ones if path[-1] == "weight" else jnp.zeros)(sd.shape, jnp.bfloat16)
-            continue
-        flat[path] = scaled_normal(jax.random.fold_in(jax.random.key(seed), i), std, sd.shape)
-    params = traverse_util.unflatten_dict(flat)
-    return fuse_params(params) if fused else params
-
-
-def checkpoint_params(cfg: Config, ckpt: Any, fuse: bool = True) -> tuple[Params, bool]:
-    """(bf16 params, fused): the bf16 baseline of a quantized checkpoint, its
-    linears dequantized (jaxfp4.dequantize), its other tensors as they are;
-    fused (fuse_params) if `fuse` and, in every layer, the parts of each FUSED
-    group have equal global scales (weight_scale_2, and input_scale if stored)."""
-    flat, scales = {}, {}  # scales: (layer, module, fused name) -> {(g, g_a) of its parts}
-    for path in param_shapes(cfg):
-        name = hf_name(path[:-1])
-        if path[-1] in ("kernel", "bias"):
-            lw = ckpt.linears[name]
-            x = jaxfp4.dequantize(jax.device_put(lw.weight), jnp.bfloat16).T if path[-1] == "kernel" else lw.bias
-            group = next((f for f, parts in FUSED.items() if path[-2] in parts), path[-2])
-            scales.setdefault((*path[:-2], group), set()).add(
-                tuple(None if g is None else float(g) for g in (lw.weight.global_scale, lw.input_scale)))
-        elif path[0] == "lm_head" and hf_name(path) not in ckpt.tensors:  # a quantized lm_head
-            x = jaxfp4.dequantize(jax.device_put(ckpt.linears["lm_head"].weight), jnp.bfloat16)
-        else:
-            x = ckpt.tensors[hf_name(path)]
-        flat[path] = jnp.asarray(x, jnp.bfloat16)
-    fused = fuse and all(len(s) == 1 for s in scales.values())
-    params = traverse_util.unflatten_dict(flat)
-    return fuse_params(params) if fused else params, fused
-
-
-def parts(ckpt: Any, path: tuple[str, ...]) -> list[Any]:
-    """The checkpoint linears behind the projection at `path` (a FUSED one: its parts)."""
-    return [ckpt.linears[hf_name((*path[:-1], part))] for part in FUSED.get(path[-1], (path[-1],))]
-
-
-def nvfp4_params(params: Params, mode: str, packing: str | None, ckpt: Any = None,
-                 input_scales: Scales | None = None) -> Params:
-    """The NVFP4 model's params (fused like the bf16 `params`): without a
-    checkpoint jaxfp4.flax.quantize_params of the bf16 params (every nn.Dense
-    kernel quantized; jitted, one layer at a time), else dense_params of the
-    checkpoint's linears (a fused one: concat_rows of its parts). The other
-    tensors, biases included, are shared with `params` (no copy). W4A4 with
-    static activation scales: `input_scales` {projection path: g_a} are added."""
-    if ckpt is None:
-        quantize = jax.jit(partial(jfx.quantize_params, mode=mode, packing=packing))
-        out = traverse_util.flatten_dict({k: quantize(v) if k.startswith("layers_") else v
-                                          for k, v in params.items()})
-    else:
-        flat = traverse_util.flatten_dict(params)
-        out = {path: x for path, x in flat.items() if path[-1] != "kernel"}
-        for path in (p[:-1] for p in flat if p[-1] == "kernel"):
-            dense = jfx.dense_params(concat_rows([lw.weight for lw in parts(ckpt, path)]), packing=packing)
-            out.update({(*path, k): v for k, v in dense.items()})
-    out.update({(*path, "input_scale"): g for path, g in (input_scales or {}).items()})
-    return traverse_util.unflatten_dict(out)
 
 
 # ---- static activation scales ----------------------------------------------------------
-
-def calibrate(cfg: Config, params: Params, tokens: jax.Array, fused: bool = True) -> Scales:
-    """Max calibration (as ModelOpt's): the bf16 model's causal forward over tokens
-    [R, S], a method interceptor (the model is unchanged) sowing every nn.Dense's
-    input amax into "intermediates"; each projection gets g_a = amax / (6 * 448),
-    which puts amax on the largest NVFP4 value (E2M1 6 x E4M3 448). {path: g_a}."""
-    def record(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            context.module.sow("intermediates", "input_amax", jnp.max(jnp.abs(args[0])).astype(jnp.float32),
-                               reduce_fn=jnp.maximum, init_fn=lambda: jnp.float32(0.0))
-        return next_fun(*args, **kwargs)
-
-    @jax.jit
-    def input_amax(params: Params, tokens: jax.Array) -> Params:
-        with nn.intercept_methods(record):
-            _, state = Decoder(cfg, fused=fused).apply({"params": params}, tokens, jnp.arange(tokens.shape[1]),
-                                                       mutable=["intermediates"])
-        return state["intermediates"]  # the logits are unused: XLA drops the lm_head
-    amax = traverse_util.flatten_dict(input_amax(params, tokens))
-    return {path[:-1]: jnp.maximum(a / (6 * 448), jnp.finfo(jnp.float32).tiny)  # > 0 for an all-zero input
-            for path, a in amax.items()}
-
 
 def activation_scales(args: argparse.Namespace, cfg: Config, params: Params, ckpt: Any, fused: bool,
                       rows: list[jax.Array]) -> tuple[Scales | None, str]:
