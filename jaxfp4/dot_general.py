@@ -27,15 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfp4 import format as fmt
 from jaxfp4 import ops
+from jaxfp4._checks import check_float_dtype, check_k
 from jaxfp4.tensor import describe
 
 MODES = ("w4a16", "w4a4")
 # Weights quantized on the fly keep linear scales: the gemm takes every layout,
 # and linear is the cheapest to write.
 WEIGHT_SF_LAYOUT = "linear"
-_FLOATS = [np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16)]
 
 
 def check_mode(mode: Any, where: str) -> str:
@@ -56,9 +55,7 @@ def _float_operand(x: Any, arg: str) -> jax.Array:
         x = jnp.asarray(x)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"jaxfp4.dot_general: {arg} must be an array, got {type(x).__name__}")
-    if np.dtype(x.dtype) not in _FLOATS:
-        raise TypeError(f"jaxfp4.dot_general: {arg}.dtype must be float32, bfloat16 or float16, "
-                        f"got {x.dtype}")
+    check_float_dtype(x.dtype, f"jaxfp4.dot_general: {arg}.dtype")
     return x
 
 
@@ -137,13 +134,11 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precisio
     if rhs.shape[ra] != k:
         raise ValueError(f"jaxfp4.dot_general: contracting dims differ: lhs {describe(lhs)} has K={k}, "
                          f"rhs {describe(rhs)} has {rhs.shape[ra]} on axis {ra}")
-    if k % fmt.BLOCK:
-        raise ValueError(f"jaxfp4.dot_general: the contracting dim K={k} must be a multiple of "
-                         f"{fmt.BLOCK} (one E4M3 scale per {fmt.BLOCK} elements)")
+    check_k(k, "jaxfp4.dot_general", "the contracting dim K={k}")
     if preferred_element_type is None:
         out_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
     else:
-        out_dtype = ops._check_float_dtype(preferred_element_type, "jaxfp4.dot_general: preferred_element_type")
+        out_dtype = check_float_dtype(preferred_element_type, "jaxfp4.dot_general: preferred_element_type")
     del precision  # see the docstring
 
     free = tuple(d for i, d in enumerate(rhs.shape) if i != ra)

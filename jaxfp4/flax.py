@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxfp4 import format as fmt
 from jaxfp4 import ops
+from jaxfp4._checks import FLOAT_DTYPES, check_k, decode_scalar, is_float
 from jaxfp4.dot_general import NVFP4DotGeneral, activation_sf_layout, check_mode
 from jaxfp4.packing import packed_shapes
 from jaxfp4.tensor import NVFP4Tensor, describe
@@ -32,7 +33,6 @@ from jaxfp4.tensor import NVFP4Tensor, describe
 __all__ = ["Dense", "NVFP4DotGeneral", "dense_params", "quantize_params"]
 
 _PACKINGS = (None, "sm90")
-_FLOATS = [np.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16)]
 
 
 def dense_params(weight: NVFP4Tensor, *, input_scale: Any = None, bias: Any = None,
@@ -64,20 +64,13 @@ def dense_params(weight: NVFP4Tensor, *, input_scale: Any = None, bias: Any = No
     params = {"weight": t.data, "weight_scale": t.scales,
               "weight_scale_2": jnp.asarray(t.global_scale, jnp.float32)}
     if input_scale is not None:
-        params["input_scale"] = _scalar(input_scale, "input_scale")
+        params["input_scale"] = decode_scalar(input_scale, "input_scale")
     if bias is not None:
         n = t.shape[0]
         if tuple(jnp.shape(bias)) != (n,):
             raise ValueError(f"bias must have shape ({n},) for weight {describe(t)}, got {jnp.shape(bias)}")
         params["bias"] = jnp.asarray(bias)
     return params
-
-
-def _scalar(x: Any, arg: str) -> jax.Array:
-    x = jnp.asarray(x)
-    if x.shape != () or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{arg} must be a float32 scalar (a decode scale), got {describe(x)}")
-    return x.astype(jnp.float32)
 
 
 def quantize_params(params: Any, *, mode: str = "w4a16", packing: str | None = None,
@@ -118,7 +111,7 @@ def quantize_params(params: Any, *, mode: str = "w4a16", packing: str | None = N
             return node
         kernel = node.get("kernel")
         if (kernel is not None and set(node) <= {"kernel", "bias"} and getattr(kernel, "ndim", None) == 2
-                and np.dtype(kernel.dtype) in _FLOATS and kernel.shape[0] % fmt.BLOCK == 0
+                and is_float(kernel) and kernel.shape[0] % fmt.BLOCK == 0
                 and (predicate is None or predicate(path, kernel))):
             w = ops.quantize(jnp.asarray(kernel).T, sf_layout="linear")
             return dense_params(w, bias=node.get("bias"), packing=packing)
@@ -181,7 +174,7 @@ class Dense(nn.Module):
             dt = np.dtype(self.dtype)
         except TypeError:
             dt = None
-        if dt not in _FLOATS:
+        if dt not in FLOAT_DTYPES:
             raise TypeError(f"{where}: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.weight_packing not in _PACKINGS:
             raise ValueError(f"{where}: weight_packing must be one of {_PACKINGS}, got {self.weight_packing!r}")
@@ -193,14 +186,11 @@ class Dense(nn.Module):
         where = self._where()
         if isinstance(x, np.ndarray):
             x = jnp.asarray(x)
-        if not hasattr(x, "shape") or not hasattr(x, "dtype") or np.dtype(x.dtype) not in _FLOATS:
+        if not is_float(x):
             raise TypeError(f"{where}: x must be a float32, bfloat16 or float16 array [..., K], got {describe(x)}")
         if x.ndim < 1:
             raise ValueError(f"{where}: x must have rank >= 1 ([..., K]), got shape {x.shape}")
-        k = x.shape[-1]
-        if k % fmt.BLOCK:
-            raise ValueError(f"{where}: the last dim of x, K={k}, must be a multiple of {fmt.BLOCK} "
-                             f"(one E4M3 scale per {fmt.BLOCK} elements)")
+        check_k(x.shape[-1], where, "the last dim of x, K={k},")
         return x
 
     def _fresh(self, rng: jax.Array, k: int) -> dict[str, jax.Array]:
@@ -244,15 +234,9 @@ class Dense(nn.Module):
         if tuple(scales.shape) != want_s:
             raise ValueError(f"{where}: param 'weight_scale' must have shape {want_s} "
                              f"({'sm90 packed' if self.weight_packing else 'LINEAR'}), got {tuple(scales.shape)}")
-        g = self._scalar_param(g, "weight_scale_2")
+        g = decode_scalar(g, f"{where}: param 'weight_scale_2'")
         packed = dict(packing=self.weight_packing, packed_shape=(n, k)) if self.weight_packing else {}
         return NVFP4Tensor(data, scales, g, "linear", **packed)
-
-    def _scalar_param(self, x: jax.Array, name: str) -> jax.Array:
-        if jnp.shape(x) != () or not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{self._where()}: param {name!r} must be a float32 scalar (a decode scale), "
-                             f"got {describe(x)}")
-        return x.astype(jnp.float32)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -266,7 +250,8 @@ class Dense(nn.Module):
         if self.mode == "w4a4":
             g_a = None
             if self.static_input_scale:
-                g_a = self._scalar_param(self.param("input_scale", lambda _: jnp.float32(1.0)), "input_scale")
+                g_a = decode_scalar(self.param("input_scale", lambda _: jnp.float32(1.0)),
+                                    f"{self._where()}: param 'input_scale'")
             a = ops.quantize(a, g_a, sf_layout=activation_sf_layout(m, self.small_batch_threshold))
         y = ops.matmul(a, w, out_dtype=dt).reshape(*lead, self.features)
         if self.use_bias:

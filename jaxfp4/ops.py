@@ -11,28 +11,16 @@ import numpy as np
 
 from jaxfp4 import format as fmt
 from jaxfp4 import packing as packing_mod
+from jaxfp4._checks import check_float_dtype as _check_float_dtype
+from jaxfp4._checks import check_k
 from jaxfp4 import reference
 from jaxfp4.primitives.dequantize import dequantize_p
 from jaxfp4.primitives.gemm import PACKING_IDS, gemm_p
 from jaxfp4.primitives.quantize import quantize_p
 from jaxfp4.tensor import NVFP4Tensor, describe
 
-_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
-_FLOAT_NAMES = "float32, bfloat16 or float16"
-
-
-def _check_float_dtype(dtype: Any, arg: str) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"{arg} must be a dtype ({_FLOAT_NAMES}), got {dtype!r}") from None
-    if dt not in [np.dtype(d) for d in _FLOATS]:
-        raise TypeError(f"{arg} must be {_FLOAT_NAMES}, got {dt}")
-    return dt
-
-
 def _check_matrix(x: Any, arg: str, what: str) -> jax.Array:
-    """x as a jax array with ndim >= 2 and a float dtype of _FLOATS (numpy input
+    """x as a jax array with ndim >= 2 and a float dtype (float32/bfloat16/float16; numpy input
     is canonicalized like jnp does: float64 becomes float32 unless x64 is on)."""
     if isinstance(x, np.ndarray):
         x = jnp.asarray(x)
@@ -42,12 +30,6 @@ def _check_matrix(x: Any, arg: str, what: str) -> jax.Array:
     if x.ndim < 2:
         raise ValueError(f"{arg} must have rank >= 2 ({what}), got shape {tuple(x.shape)}")
     return x
-
-
-def _check_k(k: int, arg: str) -> None:
-    if k % fmt.BLOCK:
-        raise ValueError(f"{arg}: the last axis K={k} must be a multiple of {fmt.BLOCK} "
-                         f"(one E4M3 scale per {fmt.BLOCK} elements)")
 
 
 def _global_scale(global_scale: Any, lead: tuple[int, ...], arg: str = "global_scale") -> jax.Array:
@@ -84,7 +66,7 @@ def quantize(x: jax.Array, global_scale: Any = None, *, sf_layout: str = "128x4"
         (the small-batch layout: 8-row padding instead of 128) or "linear".
     """
     x = _check_matrix(x, "x", "[..., M, K]")
-    _check_k(x.shape[-1], "x")
+    check_k(x.shape[-1], "x")
     fmt.check_sf_layout(sf_layout)
     lead = tuple(x.shape[:-2])
     if global_scale is None:
@@ -213,7 +195,7 @@ def from_float4(data_f4: jax.Array, scales: jax.Array, global_scale: Any = 1.0, 
     if data_f4.ndim < 2:
         raise ValueError(f"data_f4 must have rank >= 2 ([..., M, K]), got shape {data_f4.shape}")
     *lead, m, k = data_f4.shape
-    _check_k(k, "data_f4")
+    check_k(k, "data_f4")
     if tuple(scales.shape) != (*lead, m, k // fmt.BLOCK):
         raise ValueError(f"scales must be LINEAR with shape {(*lead, m, k // fmt.BLOCK)} "
                          f"for data_f4 {tuple(data_f4.shape)}, got {tuple(scales.shape)}")
