@@ -141,6 +141,14 @@ def n_copies(nbytes: int, at_least: int = 1) -> int:
     return max(at_least, math.ceil(MIN_ROTATION_BYTES / nbytes))
 
 
+def error_note(e: BaseException) -> str:
+    """A one-line note for a point that failed (the traceback too with JAXFP4_BENCH_TRACEBACK=1)."""
+    if os.environ.get("JAXFP4_BENCH_TRACEBACK"):
+        traceback.print_exc()
+    first = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"error: {type(e).__name__}: {first}"
+
+
 def calls_for(m: int) -> int:
     """R: unrolled calls per jitted function (enough to hide dispatch for small M)."""
     return 48 if m <= 32 else 24 if m <= 256 else 8 if m <= 1024 else 4
@@ -308,7 +316,7 @@ def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, al
         try:
             wts = weight_set(method)
         except Exception as e:  # noqa: BLE001
-            note = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            note = error_note(e)
             log(f"  {method:24s} weights FAILED {note}")
             results += [Result((n, k), m, method, None, note=note) for m in ms]
             continue
@@ -330,10 +338,8 @@ def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, al
                 log(f"  M={m:5d} {method:24s} {res.us:10.1f} us  {2 * m * n * k / t / 1e12:8.1f} TFLOP/s"
                     f"  {res.path}")
             except Exception as e:  # noqa: BLE001
-                res.note = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                res.note = error_note(e)
                 log(f"  M={m:5d} {method:24s} FAILED {res.note}")
-                if os.environ.get("JAXFP4_BENCH_TRACEBACK"):
-                    traceback.print_exc()
             results.append(res)
         del wts
     return results

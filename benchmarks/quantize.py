@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import jax
@@ -153,10 +151,8 @@ def bench_shape(m: int, k: int, methods: list[str], runs: int, allow_fallback: b
             log(f"  M={m:5d} {method:22s} {res.us:10.2f} us  {res.extra['bytes'] / t / 1e9:8.1f} GB/s"
                 f"  {res.path}")
         except Exception as e:  # noqa: BLE001
-            res.note = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            res.note = gemm.error_note(e)
             log(f"  M={m:5d} {method:22s} FAILED {res.note}")
-            if os.environ.get("JAXFP4_BENCH_TRACEBACK"):
-                traceback.print_exc()
         results.append(res)
     del xs
     return results
