@@ -28,11 +28,12 @@ from jaxfp4 import ops
 from jaxfp4._checks import FLOAT_DTYPES, check_k, decode_scalar, is_float
 from jaxfp4.dot_general import NVFP4DotGeneral, activation_sf_layout, check_mode
 from jaxfp4.packing import packed_shapes
+from jaxfp4.primitives.gemm import PACKING_IDS
 from jaxfp4.tensor import NVFP4Tensor, describe
 
 __all__ = ["Dense", "NVFP4DotGeneral", "dense_params", "quantize_params"]
 
-_PACKINGS = (None, "sm90")
+_PACKINGS = tuple(PACKING_IDS)  # None (checkpoint order) and every prepare_weights order
 
 
 def dense_params(weight: NVFP4Tensor, *, input_scale: Any = None, bias: Any = None,
