@@ -36,6 +36,7 @@ unless --out): checks that the script runs, measures nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import jax
@@ -191,15 +192,11 @@ def _enqueue(many, args, times: int) -> float:
     return dt
 
 
-def time_calls(call, acts: list, weights: list, runs: int, big: bool = False, chain: bool = False) -> float:
-    """Median seconds per call of `call(act, weight)`, R = len(acts) unrolled calls
-    in one jit (call i uses acts[i] and weights[i % len(weights)]).
-
-    chain: call i's activation passes through an optimization barrier with call
-    i-1's output, so XLA cannot fuse independent calls into one kernel
-    (horizontal fusion of elementwise ops); the barrier itself costs nothing."""
-    r, nw = len(acts), len(weights)
-
+def unrolled(call, r: int, nw: int, chain: bool = False):
+    """The jitted function of R python-unrolled calls: call i gets acts[i] and
+    weights[i % nw]. chain: call i's activation passes through an optimization
+    barrier with call i-1's output, so XLA cannot fuse independent calls into one
+    kernel (horizontal fusion of elementwise ops); the barrier itself costs nothing."""
     @jax.jit
     def many(acts, weights):
         outs = []
@@ -209,7 +206,14 @@ def time_calls(call, acts: list, weights: list, runs: int, big: bool = False, ch
                 a, _ = lax.optimization_barrier((a, outs[-1]))
             outs.append(call(a, weights[i % nw]))
         return outs
+    return many
 
+
+def time_calls(call, acts: list, weights: list, runs: int, big: bool = False, chain: bool = False) -> float:
+    """Median seconds per call of `call(act, weight)`, R = len(acts) unrolled calls
+    in one jit (see `unrolled`)."""
+    r = len(acts)
+    many = unrolled(call, r, len(weights), chain)
     args = (acts, weights)
     jax.block_until_ready(many(*args))  # compile + warm up
     jax.block_until_ready(many(*args))
@@ -220,6 +224,33 @@ def time_calls(call, acts: list, weights: list, runs: int, big: bool = False, ch
         t2 = _enqueue(many, args, e2)
         times.append((t2 - t1) / ((e2 - e1) * r))
     return statistics.median(times)
+
+
+def gpu_kernel_seconds(fn, *args) -> float | None:
+    """Device seconds of one execution of fn(*args): the summed durations of the
+    GPU activity (kernels, copies) in a profiler trace of it. None when the trace
+    has no GPU activity (CPU backend). fn must be compiled and warm."""
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            jax.block_until_ready(fn(*args))
+        files = list(Path(d).rglob("*.xplane.pb"))
+        if not files:
+            return None
+        data = jax.profiler.ProfileData.from_file(str(files[0]))
+    ns = [e.duration_ns for plane in data.planes if plane.name.startswith("/device:GPU")
+          for line in plane.lines if "Stream" in line.name for e in line.events]
+    return sum(ns) * 1e-9 if ns else None
+
+
+def device_time_calls(call, acts: list, weights: list, runs: int = 3, chain: bool = False) -> float | None:
+    """Median device seconds per call (the GPU's busy time, without launch gaps and
+    host dispatch), from profiler traces of the R-call function; None on CPU."""
+    r = len(acts)
+    many = unrolled(call, r, len(weights), chain)
+    args = (acts, weights)
+    jax.block_until_ready(many(*args))
+    times = [gpu_kernel_seconds(many, *args) for _ in range(runs)]
+    return statistics.median(times) / r if all(t is not None for t in times) else None
 
 
 def read_floor(nbytes: int, runs: int, r: int = 32) -> float:
@@ -351,8 +382,19 @@ def tflops(m, n, k, us):
     return 2 * m * n * k / (us * 1e-6) / 1e12 if us else None
 
 
+def command_lines(env: dict, bw: float, argv: str, shapes, runs_by_shape: dict | None) -> list[str]:
+    """The command (and git, copy bandwidth) behind each shape: one line when this
+    run made them all, else one per earlier run merged in (--merge)."""
+    this = {"command": argv, "git": env["git"], "copy_tbps": round(bw / 1e12, 2)}
+    runs = [(runs_by_shape or {}).get(f"{n}x{k}", this) for n, k in shapes]
+    if all(r == this for r in runs):
+        return [f"- command: `python benchmarks/gemm.py {argv}` (git {env['git']})"]
+    return [f"- N={n}, K={k}: `python benchmarks/gemm.py {r['command']}` (git {r['git']}; copy bandwidth "
+            f"in that run {r['copy_tbps']:.2f} TB/s)" for (n, k), r in zip(shapes, runs)]
+
+
 def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_dir: Path, argv: str,
-                 smoke: bool = False) -> Path:
+                 smoke: bool = False, runs_by_shape: dict | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     card = env["card"]
     md = out_dir / f"{card}.md"
@@ -363,7 +405,7 @@ def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_di
              f"- jax {env['jax']}, jaxlib {env['jaxlib']}, python {env['python']}",
              f"- device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s (bytes read + written, 2 GiB); "
              f"L2 taken as {env['l2_mb']} MB",
-             f"- command: `python benchmarks/gemm.py {argv}` (git {env['git']})",
+             *command_lines(env, bw, argv, shapes, runs_by_shape),
              "- timing: R python-unrolled calls in one jit (R = 48 for M <= 32, 24 to M = 256, 8 to 1024, "
              "else 4), each call with its own activation and its own weight copy (R copies: far over 2x L2; "
              "no DotMerger/CSE sharing), host-synchronised once per batch of executions; per-call time = "
@@ -405,6 +447,28 @@ def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_di
     except Exception as e:  # noqa: BLE001
         print(f"plot failed: {e}")
     return md
+
+
+def save_results(path: Path, env: dict, results: list[Result], runs_by_shape: dict) -> None:
+    """The raw results beside the report, so that a later run can --merge into it."""
+    path.write_text(json.dumps({"env": env, "runs_by_shape": runs_by_shape,
+                                "results": [asdict(r) for r in results]}, indent=1))
+
+
+def load_results(path: Path, env: dict, keep) -> tuple[list[Result], dict]:
+    """Results (and their runs) of an earlier run on the same card whose shape
+    `keep(shape)` accepts; nothing when there is no such file or the card differs."""
+    if not path.exists():
+        return [], {}
+    data = json.loads(path.read_text())
+    if data["env"].get("device_kind") != env["device_kind"]:
+        print(f"# --merge: {path} is from {data['env'].get('device_kind')}, not merged", flush=True)
+        return [], {}
+    old = [Result(tuple(r["shape"]), r["m"], r["method"], r["us"], r["path"], r["note"], r["extra"])
+           for r in data["results"]]
+    old = [r for r in old if keep(r.shape)]
+    runs = {key: v for key, v in data["runs_by_shape"].items() if keep(tuple(map(int, key.split("x"))))}
+    return old, runs
 
 
 def plot_style(method: str) -> dict:
@@ -486,6 +550,9 @@ def main(argv=None) -> int:
                     help="also time jaxfp4 paths that lower to the pure-JAX reference")
     ap.add_argument("--smoke", action="store_true",
                     help="seconds-long check on tiny shapes (CPU allowed), not a measurement")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other shapes of an earlier run on the same card (<card>.json in the "
+                         "results folder) in the report: for shapes measured in separate runs")
     args = ap.parse_args(argv)
     smoke = args.smoke
     shapes = (parse_shapes(args.shapes) if args.shapes else SMOKE_SHAPES if smoke
@@ -505,15 +572,24 @@ def main(argv=None) -> int:
     print(f"# jaxfp4 cuda_build={info['cuda_build']} targets={info['targets'].get('cuda', [])}", flush=True)
     bw = copy_bandwidth(8 << 20, runs=2) if smoke else copy_bandwidth()
     print(f"# device-to-device copy: {bw / 1e12:.2f} TB/s", flush=True)
-    results: list[Result] = []
     cmdline = " ".join(sys.argv[1:] if argv is None else argv)
+    results, runs_by_shape, done = [], {}, []
+    if args.merge:
+        results, runs_by_shape = load_results(out / f"{env['card']}.json", env, lambda sh: sh not in shapes)
+        done = list(dict.fromkeys(r.shape for r in results))  # in the order they were measured
+        print(f"# --merge: kept {len(results)} results of shapes {done}", flush=True)
     calls = (lambda m: 2) if smoke else calls_for
+    this_run = {"command": cmdline, "git": env["git"], "copy_tbps": round(bw / 1e12, 2)}
     for i, (n, k) in enumerate(shapes):
         print(f"## N={n} K={k}", flush=True)
         results += bench_shape(n, k, ms, methods, runs, args.allow_fallback, lambda s: print(s, flush=True),
                                calls=calls)
+        runs_by_shape[f"{n}x{k}"] = this_run
         # Rewritten after every shape: a run cut short still leaves its finished shapes.
-        md = write_report(env, bw, results, shapes[:i + 1], ms, out, cmdline, smoke=smoke)
+        report_ms = sorted({r.m for r in results} | set(ms))
+        md = write_report(env, bw, results, done + shapes[:i + 1], report_ms, out, cmdline, smoke=smoke,
+                          runs_by_shape=runs_by_shape)
+        save_results(md.with_suffix(".json"), env, results, runs_by_shape)
     print(f"# wrote {md} and {md.with_suffix('.png')}")
     return 0
 

@@ -67,6 +67,21 @@ def test_gemm_methods_option_takes_the_packed_w4a4(gemm, tmp_path):
     assert all("jaxfp4_gemm_w4a4" in r[-1] for r in rows)
 
 
+def test_gemm_merge_keeps_the_other_shapes(gemm, tmp_path):
+    """--merge: a second run's shape joins the first run's in one report, each
+    shape naming the command that measured it; a re-measured shape is replaced."""
+    first = ["--smoke", "--ms", "1", "--methods", "xla_bf16,jaxfp4_w4a16", "--out", str(tmp_path)]
+    assert gemm.main(first) == 0
+    assert gemm.main(first[:-2] + ["--shapes", "64x512", "--merge", "--out", str(tmp_path)]) == 0
+    (md,) = tmp_path.glob("*.md")
+    text = md.read_text()
+    assert "## N=128, K=256" in text and "## N=64, K=512" in text
+    assert "- N=128, K=256: `python benchmarks/gemm.py --smoke" in text and "--shapes 64x512 --merge" in text
+    assert len(_rows(md)) == 4  # 2 methods x 2 shapes, none twice
+    assert gemm.main(first[:-2] + ["--shapes", "64x512", "--merge", "--out", str(tmp_path)]) == 0
+    assert len(_rows(md)) == 4
+
+
 def test_gemm_rejects_unknown_methods(gemm, capsys):
     with pytest.raises(SystemExit):
         gemm.main(["--smoke", "--methods", "jaxfp4_w4a4_8x4_prepared"])
@@ -97,12 +112,16 @@ def test_quantize_calls_rotate_past_l2(qbench, gemm):
 
 
 def test_quantize_goals(qbench):
-    assert qbench.goal("jaxfp4_static_8x4", 32, 8192, 4.9, 1.0) == "<= 5 us: yes"
-    assert qbench.goal("jaxfp4_static_8x4", 1, 8192, 5.1, 1.0) == "<= 5 us: NO"
+    assert qbench.goal("jaxfp4_static_8x4", 32, 8192, 4.9, 1.0) == "<= 5 us on the device: yes"
+    assert qbench.goal("jaxfp4_static_8x4", 1, 8192, 5.1, 1.0) == "<= 5 us on the device: NO"
     assert qbench.goal("jaxfp4_static_128x4", 8192, 8192, 50.0, 85.0) == ">= 80% copy: yes"
     assert qbench.goal("jaxfp4_dynamic_128x4", 8192, 8192, 50.0, 79.9) == ">= 80% copy: NO"
     assert qbench.goal("jaxfp4_static_128x4", 1024, 8192, 20.0, 50.0) == ""
     assert qbench.goal("xla_convert_fp8", 1, 8192, 2.0, 10.0) == ""
+    # the small-M goal is judged on the device time when the row has one
+    row = qbench.Result((1, 8192), 1, "jaxfp4_static_8x4", us=9.0, extra={"device_us": 3.9})
+    assert qbench.small_m_us(row) == 3.9
+    assert qbench.small_m_us(qbench.Result((1, 8192), 1, "jaxfp4_static_8x4", us=9.0)) == 9.0
 
 
 def test_quantize_smoke_reports_every_method(qbench, tmp_path):
@@ -114,8 +133,9 @@ def test_quantize_smoke_reports_every_method(qbench, tmp_path):
         timed = {r[1] for r in rows if int(r[0]) == m and r[2] != "-"}
         assert timed == {meth for meth in qbench.METHODS if qbench.applies(meth, m)}, m
     for r in rows:
-        us, moved, rate = (float(v) for v in r[2:5])
+        us, moved, rate = float(r[2]), float(r[4]), float(r[5])
         assert us > 0 and moved >= 0 and math.isfinite(rate)
+        assert r[3] == ""  # no device time on the CPU
         if r[1].startswith("jaxfp4_dynamic"):
             assert r[-1].startswith("jaxfp4_quantize_dynamic -> ")
         elif r[1].startswith("jaxfp4_static"):
