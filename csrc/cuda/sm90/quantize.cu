@@ -135,8 +135,15 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
   const bool even = (threadIdx.x & 1u) == 0;
 
+  // One g for everything (the usual static activation scale): load it before the
+  // data, so the two loads' latencies overlap instead of adding up (small M is
+  // latency-bound).
   int64_t cached_b = -1;
   float gs = 0.0f;
+  if (p.g_mode == 1) {
+    gs = 1.0f / __ldg(p.g);
+    cached_b = 0;  // every batch entry shares it: never reloaded below
+  }
 
   // The loop bound is uniform over the grid, so every lane of a warp takes
   // part in every shuffle. nthreads is even and so is `units` (K/8 is even):
@@ -168,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
       const uint32_t r = p.upr.div(u);
       const uint32_t jj = u - r * p.upr.d;
       const uint32_t b = p.rows_per_batch.div(r);
-      if (static_cast<int64_t>(b) != cached_b) {
+      if (p.g_mode != 1 && static_cast<int64_t>(b) != cached_b) {
         cached_b = b;
         const int64_t gi = p.g_mode == 0 ? static_cast<int64_t>(b) : p.g_mode == 1 ? 0 : p.map.b_index(b);
         gs = 1.0f / __ldg(p.g + gi);
@@ -193,17 +200,23 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
   if (per_batch == 0) return;
   const int64_t total = per_batch * p.batch;
   const int64_t cp = round_up(p.c_cols, 4), groups = cp / 4;
-  for (int64_t i = tid; i < total; i += nthreads) {
-    const int64_t b = i / per_batch, k = i - b * per_batch;
-    uint8_t* s = p.scales + b * p.scale_stride;
-    if (k < p.pad_words) {
-      const int64_t m = p.m_rows + k / groups, c = (k % groups) * 4;
+  auto pad = [&](auto i) {  // i: int64_t, or uint32_t when everything fits (no 64-bit division)
+    using I = decltype(i);
+    const I b = i / static_cast<I>(per_batch), k = i - b * static_cast<I>(per_batch);
+    uint8_t* s = p.scales + static_cast<int64_t>(b) * p.scale_stride;
+    if (k < static_cast<I>(p.pad_words)) {
+      const int64_t m = p.m_rows + k / static_cast<I>(groups), c = (k % static_cast<I>(groups)) * 4;
       *reinterpret_cast<uint32_t*>(s + sf_offset(layout, m, c, p.c_cols)) = 0u;
     } else {
-      const int64_t k2 = k - p.pad_words, extra = cp - p.c_cols;
+      const I k2 = k - static_cast<I>(p.pad_words), extra = static_cast<I>(cp - p.c_cols);
       const int64_t m = k2 / extra, c = p.c_cols + k2 % extra;
       s[sf_offset(layout, m, c, p.c_cols)] = 0;
     }
+  };
+  if (total < (int64_t{1} << 31)) {
+    for (uint32_t i = tid; i < static_cast<uint32_t>(total); i += nthreads) pad(i);
+  } else {
+    for (int64_t i = tid; i < total; i += nthreads) pad(i);
   }
 }
 
@@ -283,12 +296,6 @@ int blocks_per_sm(int kernel_slot, const void* kernel, int threads, int dev) {
     cached.store(n, std::memory_order_relaxed);
   }
   return n;
-}
-
-int current_device() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) dev = 0;
-  return dev;
 }
 
 enum InputType { kF32 = 0, kBF16 = 1, kF16 = 2 };
