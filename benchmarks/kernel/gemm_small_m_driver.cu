@@ -340,9 +340,26 @@ struct BenchShape {
   int N, K;
 };
 
+// Comma-separated integers from the environment (e.g. DRV_MS=1,8,16), or `fallback`.
+static std::vector<int> env_ints(const char* name, std::vector<int> fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == 0) return fallback;
+  std::vector<int> out;
+  for (const char* q = v; *q;) {
+    out.push_back(static_cast<int>(std::strtol(q, const_cast<char**>(&q), 10)));
+    while (*q == ',' || *q == 'x') ++q;
+  }
+  return out;
+}
+
+// Shapes, M values and kinds can be narrowed for experiments:
+// DRV_SHAPES=6144x4096,28672x4096 DRV_MS=1,16 DRV_KINDS=0,2.
 static void bench(bool quick) {
-  const BenchShape shapes[] = {{28672, 4096}, {8192, 8192}, {4096, 4096}, {4096, 14336}};
-  const int Ms[] = {1, 2, 4, 8, 16, 32};
+  std::vector<BenchShape> shapes;
+  const std::vector<int> sv = env_ints("DRV_SHAPES", {28672, 4096, 8192, 8192, 4096, 4096, 4096, 14336});
+  for (size_t i = 0; i + 1 < sv.size(); i += 2) shapes.push_back({sv[i], sv[i + 1]});
+  const std::vector<int> Ms = env_ints("DRV_MS", {1, 2, 4, 8, 16, 32});
+  const std::vector<int> kinds = env_ints("DRV_KINDS", {0, 1, 2, 3});
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
@@ -423,7 +440,7 @@ static void bench(bool quick) {
     const float fl = floor1_us();
     printf("N=%d K=%d: %.1f MB/copy, %d copies; floor (1 stream, scaled to data+scales) %.2f us, (2 streams) %.2f us\n",
            N, K, per / 1e6, copies, fl, fl2);
-    for (int kind = 0; kind < 4; ++kind) {
+    for (int kind : kinds) {
       // 0 packed bf16, 1 plain bf16 (linear scales), 2 packed w4a4 (8x4 act scales), 3 plain 128x4 bf16
       if (quick && kind >= 2) continue;
       if (kind == 3 && N != 28672) continue;
