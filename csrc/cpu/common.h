@@ -9,6 +9,7 @@
 #include <string>
 
 #include "jaxfp4/batch.h"
+#include "jaxfp4/ffi_checks.h"
 #include "jaxfp4/format.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -126,12 +127,6 @@ inline void decode_row(const uint8_t* q, const uint8_t* sf, SfLayout layout, int
 
 // ---- argument checks ---------------------------------------------------------
 
-inline std::string dims_str(Dims d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
-}
-
 inline int64_t prod(const int64_t* d, int n) {
   int64_t p = 1;
   for (int i = 0; i < n; ++i) p *= d[i];
@@ -146,24 +141,7 @@ inline ffi::Error parse_layout(int32_t v, const char* attr, SfLayout* out) {
   return ffi::Error::Success();
 }
 
-// `buf` has dtype t and dims [*lead, r, c].
-inline ffi::Error check_buffer(const ffi::AnyBuffer& buf, const char* name, ffi::DataType t, const int64_t* lead,
-                               int nlead, int64_t r, int64_t c) {
-  const Dims d = buf.dimensions();
-  if (buf.element_type() != t)
-    return ffi::Error::InvalidArgument(std::string(name) + " has the wrong dtype (code " +
-                                       std::to_string(static_cast<int>(buf.element_type())) + ", expected " +
-                                       std::to_string(static_cast<int>(t)) + ")");
-  bool ok = static_cast<int>(d.size()) == nlead + 2 && d[nlead] == r && d[nlead + 1] == c;
-  for (int i = 0; ok && i < nlead; ++i) ok = d[i] == lead[i];
-  if (!ok) {
-    std::string want = "[";
-    for (int i = 0; i < nlead; ++i) want += std::to_string(lead[i]) + ", ";
-    want += std::to_string(r) + ", " + std::to_string(c) + "]";
-    return ffi::Error::InvalidArgument(std::string(name) + " has shape " + dims_str(d) + ", expected " + want);
-  }
-  return ffi::Error::Success();
-}
+// dims_str and check_buffer come from jaxfp4/ffi_checks.h (shared with the CUDA handlers).
 
 // Scales of R rows and C = K/16 columns in `layout`: F8E4M3FN [*lead, Rp, Cp].
 inline ffi::Error check_scales(const ffi::AnyBuffer& buf, const char* name, SfLayout layout, const int64_t* lead,

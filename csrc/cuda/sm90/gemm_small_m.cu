@@ -63,6 +63,7 @@
 #include <type_traits>
 
 #include "jaxfp4/batch.h"
+#include "jaxfp4/ffi_checks.h"
 #include "jaxfp4/format.h"
 #include "jaxfp4/registry.h"
 #include "../device.cuh"
@@ -347,7 +348,7 @@ __device__ __forceinline__ void scale_pair<__half>(uint32_t sf2, uint32_t& s0, u
 #ifndef JAXFP4_GEMM_WARPS_N8
 #define JAXFP4_GEMM_WARPS_N8 16
 #endif
-template <int NT, bool PACKED>
+template <int NT>
 struct Cfg {
   static constexpr int kDepth = JAXFP4_GEMM_DEPTH;
   static constexpr int kActDepth = NT == 4 ? 1 : 2;
@@ -468,12 +469,11 @@ __device__ __forceinline__ void store_out(const Params& p, int64_t out_base, flo
   }
 }
 
-template <typename T, int NT, bool PACKED, bool A4>
-__global__ void __launch_bounds__(Cfg<NT, PACKED>::kMaxWarps * 32, 1)
+template <typename T, int NT, bool A4>
+__global__ void __launch_bounds__(Cfg<NT>::kMaxWarps * 32, 1)
     gemm_small_m_kernel(const __grid_constant__ Params p) {
-  static_assert(!PACKED, "packed weights run gemm_packed_kernel (gemm_small_m_packed.cuh)");
-  constexpr int D = Cfg<NT, PACKED>::kDepth;
-  constexpr int DA = Cfg<NT, PACKED>::kActDepth;
+  constexpr int D = Cfg<NT>::kDepth;
+  constexpr int DA = Cfg<NT>::kActDepth;
   static_assert(D % DA == 0, "the activation ring must divide the weight ring");
   using St = Stage;
   using At = ActStage<NT, A4>;
@@ -591,7 +591,7 @@ __global__ void __launch_bounds__(Cfg<NT, PACKED>::kMaxWarps * 32, 1)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[tp][nt][j] = 0.0f;
 
-  auto compute = [&](const St& st, const At& at) { mma_chunk<T, NT, PACKED, A4>(acc, st, at); };
+  auto compute = [&](const St& st, const At& at) { mma_chunk<T, NT, false, A4>(acc, st, at); };
 
   // ---- epilogue of one group: reduce the warps' K slices (fixed order), scale, store ----
   float alpha = p.b_g[ib] * 128.0f;
@@ -789,7 +789,7 @@ cudaError_t launch_t(Launch L, cudaStream_t stream, const char** name) {
     const int64_t mtiles = (static_cast<int64_t>(p.M) + 8 * NT - 1) / (8 * NT);
     if (groups > 0x7FFFFFFF || mtiles > 65535 || L.batch > 65535) return cudaErrorInvalidConfiguration;
     const int64_t chunks = std::max<int32_t>(p.chunks, 1);
-    int64_t nwk = std::min<int64_t>(Cfg<NT, false>::kMaxWarps, chunks);
+    int64_t nwk = std::min<int64_t>(Cfg<NT>::kMaxWarps, chunks);
     const int64_t cpw = (chunks + nwk - 1) / nwk;
     nwk = (chunks + cpw - 1) / cpw;
     p.chunks_per_warp = static_cast<int32_t>(cpw);
@@ -798,11 +798,11 @@ cudaError_t launch_t(Launch L, cudaStream_t stream, const char** name) {
       return warps > 1 ? static_cast<size_t>(warps) * kTPW * NT * 4 * 32 * sizeof(float) : 0;
     };
     const size_t smem = smem_bytes(nwk);
-    auto kernel = gemm_small_m_kernel<T, NT, false, A4>;
+    auto kernel = gemm_small_m_kernel<T, NT, A4>;
     static std::atomic<bool> smem_set[kMaxDevices];
-    if (cudaError_t e = allow_smem(kernel, smem_bytes(Cfg<NT, false>::kMaxWarps), smem_set); e != cudaSuccess)
+    if (cudaError_t e = allow_smem(kernel, smem_bytes(Cfg<NT>::kMaxWarps), smem_set); e != cudaSuccess)
       return e;
-    static std::atomic<int> occ[Cfg<NT, false>::kMaxWarps + 1];
+    static std::atomic<int> occ[Cfg<NT>::kMaxWarps + 1];
     const int64_t slots = static_cast<int64_t>(sm_count()) * ctas_per_sm(kernel, threads, smem, occ);
     const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(groups, slots / (mtiles * L.batch)));
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
@@ -839,11 +839,6 @@ using Dims = ffi::Span<const int64_t>;
 
 ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument("jaxfp4 gemm (cuda): " + what); }
 
-std::string dims_str(Dims d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
-}
 
 bool parse_layout(int32_t v, SfLayout* out) {
   if (v < 0 || v > 2) return false;
@@ -851,20 +846,11 @@ bool parse_layout(int32_t v, SfLayout* out) {
   return true;
 }
 
-// Checks `buf` is [lead..., r, c] of dtype dt with `nl` leading axes.
+// check_buffer (jaxfp4/ffi_checks.h), its message prefixed like every error here.
 ffi::Error expect(const ffi::AnyBuffer& buf, const char* name, ffi::DataType dt, const int64_t* lead, int nl,
                   int64_t r, int64_t c) {
-  const Dims d = buf.dimensions();
-  if (buf.element_type() != dt) return bad(std::string(name) + " has the wrong dtype");
-  bool ok = static_cast<int>(d.size()) == nl + 2 && d[nl] == r && d[nl + 1] == c;
-  for (int i = 0; ok && i < nl; ++i) ok = d[i] == lead[i];
-  if (!ok) {
-    std::string want = "[";
-    for (int i = 0; i < nl; ++i) want += std::to_string(lead[i]) + ", ";
-    want += std::to_string(r) + ", " + std::to_string(c) + "]";
-    return bad(std::string(name) + " has shape " + dims_str(d) + ", expected " + want);
-  }
-  return ffi::Error::Success();
+  const ffi::Error e = check_buffer(buf, name, dt, lead, nl, r, c);
+  return e.failure() ? bad(e.message()) : e;
 }
 
 // Validates the weight operand (b_data, b_scales, b_g) given N, K and the

@@ -33,6 +33,7 @@
 #include <string>
 
 #include "jaxfp4/batch.h"
+#include "jaxfp4/ffi_checks.h"
 #include "jaxfp4/format.h"
 #include "jaxfp4/registry.h"
 #include "../device.cuh"
@@ -307,12 +308,6 @@ bool input_type(ffi::DataType t, InputType* out) {
     case ffi::DataType::F16: *out = kF16; return true;
     default: return false;
   }
-}
-
-std::string dims_str(ffi::AnyBuffer::Dimensions d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? "," : "") + std::to_string(d[i]);
-  return s + "]";
 }
 
 bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
