@@ -140,3 +140,14 @@ def test_quantize_smoke_reports_every_method(qbench, tmp_path):
             assert r[-1].startswith("jaxfp4_quantize_dynamic -> ")
         elif r[1].startswith("jaxfp4_static"):
             assert r[-1].startswith("jaxfp4_quantize -> ")
+
+
+# ---- decode_profile.py -----------------------------------------------------------------
+
+def test_decode_profile_smoke(capsys):
+    sys.path.insert(0, str(BENCH))
+    prof = importlib.import_module("decode_profile")
+    prof.main(["--config", "tiny", "--tokens", "2", "--prompt-len", "2", "--models", "bf16,w4a16", "--top", "3"])
+    out = capsys.readouterr().out
+    assert "## bf16, batch 1: wall" in out and "## w4a16, batch 1: wall" in out
+    assert "kernels/token" in out  # the GPU columns are there (zero on the CPU)

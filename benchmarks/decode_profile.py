@@ -1,0 +1,93 @@
+"""Where a decode token's time goes: the GPU kernels of one jitted decode loop
+of examples/decode.py's model, from a jax.profiler trace, summed per kernel
+name and divided by the tokens decoded.
+
+    python benchmarks/decode_profile.py                        # llama-3.1-8b, batch 1, all models
+    python benchmarks/decode_profile.py --models w4a16 --batch 16 --top 30
+
+Per model it prints the loop's wall time per token (under the profiler, so a
+little above decode.py's), the GPU busy time per token, kernels per token, and
+the kernels that take the most time. On the CPU backend the trace holds no GPU
+activity and only the wall time is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import decode  # noqa: E402  (examples/decode.py: generate loop and buffers)
+from llama import CONFIGS, Decoder, calibrate, nvfp4_params, random_params  # noqa: E402
+
+
+def gpu_kernels(trace_dir: str) -> dict[str, list[float]]:
+    """kernel name -> durations (us) of the GPU activity in the trace under trace_dir."""
+    files = list(Path(trace_dir).rglob("*.xplane.pb"))
+    out: dict[str, list[float]] = collections.defaultdict(list)
+    if not files:
+        return out
+    data = jax.profiler.ProfileData.from_file(str(files[0]))
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if "Stream" in line.name:
+                    for e in line.events:
+                        out[e.name].append(e.duration_ns / 1e3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    gpu = jax.default_backend() == "gpu"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="llama-3.1-8b" if gpu else "tiny")
+    p.add_argument("--models", default="bf16,w4a16,w4a4", help="subset of bf16,w4a16,w4a4 (W4A4: static scales)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=16, help="decode steps traced")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--top", type=int, default=20, help="kernels listed per model")
+    args = p.parse_args(argv)
+    cfg, b, n, start = CONFIGS[args.config], args.batch, args.tokens, args.prompt_len
+    max_len = start + n + 1
+    packing = "sm90" if gpu else None
+    base = random_params(cfg, 0, True)
+    prompt = jax.random.randint(jax.random.key(1), (b, max_len), 0, cfg.vocab, jnp.int32)
+    models = args.models.split(",")
+    scales = calibrate(cfg, base, prompt, True) if "w4a4" in models else None
+    i32 = jnp.int32
+    for lin in models:
+        params = base if lin == "bf16" else nvfp4_params(base, lin, packing, None, scales if lin == "w4a4" else None)
+        model = Decoder(cfg, lin, packing, lin == "w4a4", True)
+        run = decode.compile_all(decode.make_generate(model), params, cfg, [b], max_len)[b]
+
+        def prefill():
+            state = run(params, *decode.buffers(cfg, b, max_len, prompt), i32(start), i32(0), i32(start))
+            return jax.block_until_ready(state)
+
+        jax.block_until_ready(run(params, *prefill(), i32(start), i32(start), i32(start + n)))  # warm
+        state = prefill()
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d):
+                t0 = time.perf_counter()
+                jax.block_until_ready(run(params, *state, i32(start), i32(start), i32(start + n)))
+                wall = time.perf_counter() - t0
+            kernels = gpu_kernels(d)
+        busy = sum(sum(v) for v in kernels.values())
+        count = sum(len(v) for v in kernels.values())
+        print(f"\n## {lin}, batch {b}: wall {1e3 * wall / n:.3f} ms/token (profiled); "
+              f"GPU busy {busy / n / 1e3:.3f} ms/token; {count / n:.0f} kernels/token")
+        for name, us in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
+            print(f"  {sum(us) / n:9.1f} us/token  {len(us) / n:6.1f}/token  {sum(us) / len(us):8.2f} us each  "
+                  f"{name[:100]}")
+        del params, run, state
+
+
+if __name__ == "__main__":
+    main()
