@@ -10,6 +10,7 @@
 // the project's benchmark of record.
 #include "../../csrc/cuda/sm90/gemm_small_m.cu"
 #include "../../csrc/cuda/bench_stream.cu"
+#include "driver_common.h"
 
 #include <cmath>
 #include <cstdio>
@@ -17,30 +18,8 @@
 #include <random>
 #include <vector>
 
-namespace jaxfp4 {
-void record_kernel(const char*, const char*) {}
-}  // namespace jaxfp4
-
 using namespace jaxfp4;
 using namespace jaxfp4::sm90_gemm;
-
-#define CK(x)                                                                                   \
-  do {                                                                                          \
-    cudaError_t e_ = (x);                                                                       \
-    if (e_ != cudaSuccess) {                                                                    \
-      fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      exit(1);                                                                                  \
-    }                                                                                           \
-  } while (0)
-
-static float bf16_to_f(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
-static uint16_t f_to_bf16(float f) {  // RNE, finite inputs
-  uint32_t u = float_to_bits(f);
-  u += 0x7FFF + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-static float h_to_f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
-static uint16_t f_to_h(float f) { return __half_as_ushort(__float2half_rn(f)); }
 
 // ---- packing (mirror of jaxfp4/packing.py) ----
 static const int kSB[4] = {13, 12, 15, 14};
@@ -122,7 +101,7 @@ static bool run_case(const Case& cs, bool verbose) {
       std::normal_distribution<float> nd(0.f, 1.f);
       for (auto& x : a16[l]) {
         const float v = nd(rng) * std::ldexp(1.0f, static_cast<int>(rng() % 7) - 3);
-        x = cs.mode == 1 ? f_to_h(v) : f_to_bf16(v);
+        x = cs.mode == 1 ? float_to_f16(v) : float_to_bf16(v);
       }
     }
   }
@@ -139,7 +118,7 @@ static bool run_case(const Case& cs, bool verbose) {
              e4m3_decode(asf_lin[l][static_cast<size_t>(m) * C + k / 16]);
     }
     const uint16_t v = a16[l][static_cast<size_t>(m) * K + k];
-    return cs.mode == 1 ? h_to_f(v) : bf16_to_f(v);
+    return cs.mode == 1 ? f16_to_float(v) : bf16_to_float(v);
   };
   std::vector<double> ref(static_cast<size_t>(L) * M * N), absref(ref.size());
   for (int z = 0; z < L; ++z) {
@@ -257,7 +236,7 @@ static bool run_case(const Case& cs, bool verbose) {
     } else {
       uint16_t h;
       memcpy(&h, &hout[i * 2], 2);
-      o = cs.out_type == kOutBF16 ? bf16_to_f(h) : h_to_f(h);
+      o = cs.out_type == kOutBF16 ? bf16_to_float(h) : f16_to_float(h);
     }
     const double sub = cs.out_type == kOutF16 ? std::ldexp(1.0, -25) : (cs.out_type == kOutBF16 ? std::ldexp(1.0, -134) : std::ldexp(1.0, -150));
     const double tol = absref[i] * K * std::ldexp(1.0, -23) + std::fabs(ref[i]) * eps + sub;

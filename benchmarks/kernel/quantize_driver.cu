@@ -10,6 +10,7 @@
 //   compute-sanitizer --tool memcheck /tmp/qdrv check
 //   compute-sanitizer --tool racecheck /tmp/qdrv check quick (a subset)
 #include "../../csrc/cuda/sm90/quantize.cu"
+#include "driver_common.h"
 
 #include <cfloat>
 #include <cmath>
@@ -18,30 +19,7 @@
 #include <random>
 #include <vector>
 
-namespace jaxfp4 {
-void record_kernel(const char*, const char*) {}
-}  // namespace jaxfp4
-
 using namespace jaxfp4;
-
-#define CK(x)                                                                                   \
-  do {                                                                                          \
-    cudaError_t e_ = (x);                                                                       \
-    if (e_ != cudaSuccess) {                                                                    \
-      fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      exit(1);                                                                                  \
-    }                                                                                           \
-  } while (0)
-
-static float bf16_to_f(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
-static uint16_t f_to_bf16(float f) {  // RNE; NaN stays a (quiet) NaN
-  if (f != f) return 0x7FC0;
-  uint32_t u = float_to_bits(f);
-  u += 0x7FFF + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-static float h_to_f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
-static uint16_t f_to_h(float f) { return __half_as_ushort(__float2half_rn(f)); }
 
 // Input dtypes use quantize.cu's InputType numbering: kF32 = 0, kBF16 = 1, kF16 = 2.
 static const char* kTypeName[3] = {"f32", "bf16", "f16"};
@@ -123,8 +101,8 @@ static bool run_case(const Case& cs, cudaStream_t stream) {
       x[i] = v;
       memcpy(&raw[i * 4], &v, 4);
     } else {
-      const uint16_t h = t == kBF16 ? f_to_bf16(v) : f_to_h(v);
-      x[i] = t == kBF16 ? bf16_to_f(h) : h_to_f(h);
+      const uint16_t h = t == kBF16 ? float_to_bf16(v) : float_to_f16(v);
+      x[i] = t == kBF16 ? bf16_to_float(h) : f16_to_float(h);
       memcpy(&raw[i * 2], &h, 2);
     }
   };
