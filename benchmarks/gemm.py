@@ -36,6 +36,7 @@ unless --out): checks that the script runs, measures nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -192,11 +193,14 @@ def _enqueue(many, args, times: int) -> float:
     return dt
 
 
+@functools.lru_cache(maxsize=4)
 def unrolled(call, r: int, nw: int, chain: bool = False):
     """The jitted function of R python-unrolled calls: call i gets acts[i] and
     weights[i % nw]. chain: call i's activation passes through an optimization
     barrier with call i-1's output, so XLA cannot fuse independent calls into one
-    kernel (horizontal fusion of elementwise ops); the barrier itself costs nothing."""
+    kernel (horizontal fusion of elementwise ops); the barrier itself costs nothing.
+    Cached, so that timing a call twice (time_calls, then device_time_calls)
+    compiles it once."""
     @jax.jit
     def many(acts, weights):
         outs = []
@@ -538,18 +542,23 @@ def out_dir(out: str | None, smoke: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix="jaxfp4_bench_smoke_")) if smoke else RESULTS
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="shapes (28672,4096),(8192,8192); M 1,8,16,32,128")
-    ap.add_argument("--shapes", help="NxK list, e.g. 28672x4096,8192x8192")
-    ap.add_argument("--ms", help="M list, e.g. 1,8,32")
-    ap.add_argument("--methods", help="comma-separated subset of: " + ",".join(METHODS + ("read_floor",)))
+def add_common_args(ap: argparse.ArgumentParser, methods: tuple[str, ...]) -> None:
+    """The options gemm.py and quantize.py share."""
+    ap.add_argument("--methods", help="comma-separated subset of: " + ",".join(methods))
     ap.add_argument("--runs", type=int, default=10, help="timed runs per point (median; >= 10)")
     ap.add_argument("--out", help="results folder (default benchmarks/results; with --smoke a temporary one)")
     ap.add_argument("--allow-fallback", action="store_true",
                     help="also time jaxfp4 paths that lower to the pure-JAX reference")
     ap.add_argument("--smoke", action="store_true",
                     help="seconds-long check on tiny shapes (CPU allowed), not a measurement")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shapes (28672,4096),(8192,8192); M 1,8,16,32,128")
+    ap.add_argument("--shapes", help="NxK list, e.g. 28672x4096,8192x8192")
+    ap.add_argument("--ms", help="M list, e.g. 1,8,32")
+    add_common_args(ap, METHODS + ("read_floor",))
     ap.add_argument("--merge", action="store_true",
                     help="keep the other shapes of an earlier run on the same card (<card>.json in the "
                          "results folder) in the report: for shapes measured in separate runs")

@@ -308,13 +308,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", help="MxK list, e.g. 1x8192,32x8192,8192x8192 "
                                      "(default M in 1,8,32,128,1024,8192 with K=8192)")
-    ap.add_argument("--methods", help="comma-separated subset of: " + ",".join(METHODS))
-    ap.add_argument("--runs", type=int, default=10, help="timed runs per point (median; >= 10)")
-    ap.add_argument("--out", help="results folder (default benchmarks/results; with --smoke a temporary one)")
-    ap.add_argument("--allow-fallback", action="store_true",
-                    help="also time jaxfp4 paths that lower to the pure-JAX reference")
-    ap.add_argument("--smoke", action="store_true",
-                    help="seconds-long check on tiny shapes (CPU allowed), not a measurement")
+    gemm.add_common_args(ap, METHODS)
     args = ap.parse_args(argv)
     smoke = args.smoke
     shapes = gemm.parse_shapes(args.shapes) if args.shapes else SMOKE_SHAPES if smoke else FULL_SHAPES
