@@ -1,5 +1,6 @@
 // CPU FFI handlers: NVFP4 quantize (static and dynamic global scale) and
-// dequantize, nvfp4-spec.md section 2 bit for bit; also the CPU target table.
+// dequantize, nvfp4-spec.md section 2 bit for bit (also the host reference the
+// CUDA quantize kernels are checked against: benchmarks/kernel/quantize_driver.cu).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -175,17 +176,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4CpuDequantize, jaxfp4::cpu::dequantize_impl,
                                   .Arg<ffi::AnyBuffer>()  // g
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<int32_t>("sf_layout"));
-
-// Defined in gemm.cc.
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4CpuGemmW4A4);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4CpuGemmW4A16);
-
-std::vector<jaxfp4::FfiTarget> jaxfp4::cpu_targets() {
-  return {
-      {"jaxfp4_quantize", reinterpret_cast<void*>(JaxFp4CpuQuantize)},
-      {"jaxfp4_quantize_dynamic", reinterpret_cast<void*>(JaxFp4CpuQuantizeDynamic)},
-      {"jaxfp4_dequantize", reinterpret_cast<void*>(JaxFp4CpuDequantize)},
-      {"jaxfp4_gemm_w4a4", reinterpret_cast<void*>(JaxFp4CpuGemmW4A4)},
-      {"jaxfp4_gemm_w4a16", reinterpret_cast<void*>(JaxFp4CpuGemmW4A16)},
-  };
-}
