@@ -1,15 +1,16 @@
 // Standalone driver for csrc/cuda/sm90/quantize.cu: calls the FFI handlers
 // QuantizeImpl / QuantizeDynamicImpl exactly as XLA does (XLA_FFI_Buffer ->
 // ffi::AnyBuffer) and compares every output byte (codes, the WHOLE padded
-// scale array, dynamic g) bit for bit with a host reference built from the
-// __host__ __device__ functions of jaxfp4/format.h. Small enough for
-// compute-sanitizer. Build and run from the repository root (on a Hopper GPU):
+// scale array, dynamic g) bit for bit with the CPU handlers' (csrc/cpu/
+// quantize.cc: the host reference the test suite checks against the pure-JAX
+// one) on the same inputs. Small enough for compute-sanitizer. Build and run from the repository root (on a Hopper GPU):
 //   FFI="$(python3 -c 'import jax.ffi as f; print(f.include_dir())')"
 //   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I csrc/include -I "$FFI" benchmarks/kernel/quantize_driver.cu -o /tmp/qdrv
 //   /tmp/qdrv check                                          (every case)
 //   compute-sanitizer --tool memcheck /tmp/qdrv check
 //   compute-sanitizer --tool racecheck /tmp/qdrv check quick (a subset)
 #include "../../csrc/cuda/sm90/quantize.cu"
+#include "../../csrc/cpu/quantize.cc"  // the reference
 #include "driver_common.h"
 
 #include <cfloat>
@@ -54,34 +55,12 @@ struct Case {
 
 static std::mt19937 rng(20240611);
 
-static int64_t prod(const std::vector<int64_t>& v) {
-  int64_t p = 1;
-  for (int64_t d : v) p *= d;
-  return p;
-}
-
-// Flat index into g (dims gb, broadcast where 1) of flat batch entry z of x (dims xb).
-static int64_t g_index(int64_t z, const std::vector<int64_t>& xb, const std::vector<int64_t>& gb) {
-  int64_t r = 0, stride = 1;
-  for (int d = static_cast<int>(xb.size()) - 1; d >= 0; --d) {
-    const int64_t coord = z % xb[d];
-    z /= xb[d];
-    if (gb[d] != 1) r += coord * stride;
-    stride *= gb[d];
-  }
-  return r;
-}
-
-static std::string shape(const std::vector<int64_t>& d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? "," : "") + std::to_string(d[i]);
-  return s + "]";
-}
+static int64_t prod(const std::vector<int64_t>& v) { return cpu::prod(v.data(), static_cast<int>(v.size())); }
 
 static std::string desc(const Case& c) {
   std::string s = "M=" + std::to_string(c.M) + " K=" + std::to_string(c.K) + " layout=" + std::to_string(c.layout) +
                   " " + kTypeName[c.type] + (c.dyn ? " dynamic" : " static");
-  if (!c.xb.empty()) s += " x" + shape(c.xb) + (c.dyn ? "" : " g" + shape(c.gb));
+  if (!c.xb.empty()) s += " x" + dims_str(c.xb) + (c.dyn ? "" : " g" + dims_str(c.gb));
   return s + (c.special ? " specials" : "");
 }
 
@@ -92,8 +71,8 @@ static bool run_case(const Case& cs, cudaStream_t stream) {
   const int64_t per_entry = static_cast<int64_t>(M) * K;
   // Inputs: normal values, one power-of-two magnitude per 16-block in [2^-14, 2^5]
   // so that block scales span underflow (SF 0), E4M3 subnormals, normals and
-  // saturation at 448; x keeps the exact (dtype-rounded) values for the reference,
-  // and no value is 0 outside the deliberate zero blocks.
+  // saturation at 448; raw holds the input bytes, x their values (to redraw
+  // zeros: no value is 0 outside the deliberate zero blocks).
   std::vector<float> x(n);
   std::vector<uint8_t> raw(n * kTypeBytes[t]);
   auto store = [&](int64_t i, float v) {
@@ -131,36 +110,26 @@ static bool run_case(const Case& cs, cudaStream_t stream) {
     for (int64_t i = 2 * per_entry; i < 3 * per_entry && L > 2; ++i)  // no finite value: g = 1 as well
       store(i, (i - 2 * per_entry) < K && i % 16 == 4 ? nan : (i & 1 ? inf : -inf));
   }
-  // g: static, one value in [2^-6, 2^-5) per g entry; or the dynamic rule per batch entry.
+  // g: static, one value in [2^-6, 2^-5) per g entry (dynamic: the handlers compute it).
   const std::vector<int64_t> gdims = cs.dyn ? cs.xb : cs.gb;
-  std::vector<float> g(prod(gdims)), gref(L);
+  std::vector<float> g(prod(gdims));
   for (auto& v : g) v = std::ldexp(1.0f + static_cast<float>(rng() % 1000) / 1000.0f, -6);
-  for (int64_t z = 0; z < L; ++z) {
-    if (!cs.dyn) {
-      gref[z] = g[g_index(z, cs.xb, cs.gb)];
-      continue;
+  std::vector<int64_t> xd = cs.xb, dd_dims = cs.xb, sd = cs.xb;
+  xd.insert(xd.end(), {M, K});
+  dd_dims.insert(dd_dims.end(), {M, K / 2});
+  sd.insert(sd.end(), {Rp, Cp});
+  // The reference: the CPU handler on the same bytes (it zeroes every padded scale).
+  std::vector<uint8_t> rdata(n / 2), rsc(L * Rp * Cp);
+  std::vector<float> gref(cs.dyn ? L : 0);
+  {
+    const Buf hx(kTypeFfi[t], raw.data(), xd), hd(XLA_FFI_DataType_U8, rdata.data(), dd_dims),
+        hs(XLA_FFI_DataType_F8E4M3FN, rsc.data(), sd), hg(XLA_FFI_DataType_F32, cs.dyn ? gref.data() : g.data(), gdims);
+    const ffi::Error e = cs.dyn ? cpu::quantize_dynamic_impl(hx.any(), hd.any(), hs.any(), hg.any(), cs.layout)
+                                : cpu::quantize_impl(hx.any(), hg.any(), hd.any(), hs.any(), cs.layout);
+    if (e.failure()) {
+      printf("FAIL %s: the CPU reference refused it: %s\n", desc(cs).c_str(), e.message().c_str());
+      return false;
     }
-    float amax = 0.0f;  // largest FINITE |x| of entry z
-    for (int64_t i = z * per_entry; i < (z + 1) * per_entry; ++i)
-      if (std::fabs(x[i]) <= FLT_MAX) amax = std::max(amax, std::fabs(x[i]));
-    gref[z] = amax == 0.0f ? 1.0f : amax / 2688.0f;
-  }
-  // Reference codes and scales (padding stays 0), in the spec's exact order.
-  std::vector<uint8_t> rdata(n / 2, 0), rsc(L * Rp * Cp, 0);
-  for (int64_t z = 0; z < L; ++z) {
-    const float gs = 1.0f / gref[z];
-    for (int m = 0; m < M; ++m)
-      for (int c = 0; c < C; ++c) {
-        const float* v = &x[z * per_entry + static_cast<int64_t>(m) * K + c * 16];
-        float vmax = 0.0f;
-        for (int i = 0; i < 16; ++i) vmax = nan_max_abs(vmax, v[i]);
-        const uint8_t sf = block_scale(vmax, gs);
-        const float os = block_output_scale(sf, gs);
-        for (int i = 0; i < 16; ++i)
-          rdata[(z * per_entry + static_cast<int64_t>(m) * K + c * 16 + i) / 2] |= e2m1_encode(v[i] * os)
-                                                                                  << (4 * (i & 1));
-        rsc[z * Rp * Cp + sf_offset(lay, m, c, C)] = sf;
-      }
   }
   // Device buffers of exactly the handler's sizes (memcheck sees any overrun);
   // outputs poisoned so that an element the kernels never write fails.
@@ -178,10 +147,6 @@ static bool run_case(const Case& cs, cudaStream_t stream) {
     CK(cudaMemcpy(dg, g.data(), g.size() * 4, cudaMemcpyHostToDevice));
   }
   CK(cudaDeviceSynchronize());
-  std::vector<int64_t> xd = cs.xb, dd_dims = cs.xb, sd = cs.xb;
-  xd.insert(xd.end(), {M, K});
-  dd_dims.insert(dd_dims.end(), {M, K / 2});
-  sd.insert(sd.end(), {Rp, Cp});
   const Buf bx(kTypeFfi[t], dx, xd), bd(XLA_FFI_DataType_U8, dd, dd_dims), bs(XLA_FFI_DataType_F8E4M3FN, ds, sd),
       bg(XLA_FFI_DataType_F32, dg, gdims);
   const ffi::Error err = cs.dyn ? QuantizeDynamicImpl(stream, bx.any(), bd.any(), bs.any(), bg.any(), cs.layout)
