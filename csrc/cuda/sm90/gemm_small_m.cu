@@ -14,18 +14,20 @@
 // grid is persistent (about one CTA per SM, grid.y over 32-token tiles,
 // grid.z over the output batch): each CTA walks a balanced contiguous range of
 // groups, and its warps split K: warp w owns the same chunks of 64 elements
-// in every group. Per chunk and tile, lane (g = lane/4, t = lane%4) holds rows
+// in every group (plain: a contiguous slice; packed: kCpi chunks of every
+// ring item, gemm_small_m_packed.cuh). Per chunk and tile, lane (g = lane/4, t = lane%4) holds rows
 // g and g+8, elements 16t .. 16t+15 of the chunk: exactly one scale block per
 // row, 32 codes = 16 bytes. mma step s (0..3) of the chunk uses the lane's
 // elements 4s .. 4s+3 (a permutation of K inside the chunk, applied to both
 // operands alike). At the end of a group the warps' float32 partial sums are
 // added in warp order through shared memory (deterministic; no global
 // workspace, no atomics) and stored.
-// Loads in flight: packed weights go through a per-warp ring of shared-memory
-// stages filled by cp.async (16-byte copies, no registers held; the kernel in
-// gemm_small_m_packed.cuh); plain weights through a register ring of kDepth
-// chunks; activations (L2 hits, the same chunks for every group) are loaded
-// right before use (packed) or through a small register ring (plain).
+// Loads in flight: packed weights go through a CTA-wide ring of shared-memory
+// stages filled by a producer warp's bulk copies (the kernel in
+// gemm_small_m_packed.cuh, where the warps split K item by item); plain
+// weights through a register ring of kDepth chunks per warp; activations (L2
+// hits, the same chunks for every group) are loaded right before use (packed)
+// or through a small register ring (plain).
 //
 // Dequantization is exact: E2M1 x E4M3 fits bf16 and fp16.
 //   bf16: the nibble's bits s|e1e0m placed at bf16 bits 15|8..6 are the value
@@ -92,7 +94,8 @@ struct Params {
   int32_t out_type;
   int32_t M, N, K, C;       // C = K / 16
   int32_t tiles, chunks;    // ceil(N/16), ceil(K/64)
-  int32_t chunks_per_warp;
+  int32_t chunks_per_warp;  // plain: a warp's chunks per group; packed: per warp and ring item
+  int32_t items;            // packed: ring items per group
   int32_t a_sf_layout, b_sf_layout;
   int64_t a_stride;         // per batch entry: elements (W4A16) or bytes (W4A4)
   int64_t a_sf_stride;      // bytes per batch entry (W4A4)
@@ -104,14 +107,6 @@ struct Params {
 // ---- device helpers -----------------------------------------------------------
 
 // Streamed weights: read once, so no L1 allocation; 256-byte L2 prefetch.
-__device__ __forceinline__ uint4 ld_stream16(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ uint2 ld_stream8(const void* p) {
   uint2 v;
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
@@ -185,14 +180,6 @@ __device__ __forceinline__ uint2 ld_act8_pred(const void* p, bool pred) {
   return v;
 }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 __device__ __forceinline__ uint4 lds128(uint32_t a) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
@@ -469,6 +456,46 @@ __device__ __forceinline__ void store_out(const Params& p, int64_t out_base, flo
   }
 }
 
+// What both kernels derive from the launch first: the batch entries, the
+// CTA's tile groups (kTPW tiles each; a balanced contiguous share of them),
+// the warp's K slice (chunks c0 .. c0 + chunks_per_warp - 1 of every group)
+// and the lane's activation pointers at chunk c0 (the same for every group).
+template <int NT, bool A4>
+struct Prologue {
+  int64_t z, ia, ib;     // output, activation and weight batch entries
+  int m0;                // first token of the CTA's token tiles
+  int g_begin, ngroups;  // the CTA's groups
+  int c0;                // the warp's first chunk
+  const uint8_t* ap[NT];   // activation codes/values of token m0 + 8 nt + g at chunk c0
+  const uint8_t* asp[NT];  // W4A4: their scales
+
+  __device__ __forceinline__ Prologue(const Params& p, int warp, int g, int t) {
+    z = blockIdx.z;
+    ia = p.map.a_index(z);
+    ib = p.map.b_index(z);
+    m0 = blockIdx.y * (8 * NT);
+    const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
+    g_begin = static_cast<int>(static_cast<int64_t>(blockIdx.x) * groups / gridDim.x);
+    ngroups = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * groups / gridDim.x) - g_begin;
+    c0 = warp * p.chunks_per_warp;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      // Tokens past M read token M-1: only their own output columns see them.
+      const int64_t mm = min(m0 + 8 * nt + g, p.M - 1);
+      if constexpr (A4) {
+        ap[nt] = static_cast<const uint8_t*>(p.a) + ia * p.a_stride + mm * (p.K / 2) + static_cast<int64_t>(c0) * 32 +
+                 t * 8;
+        asp[nt] = p.a_sf + ia * p.a_sf_stride + sf_offset(static_cast<SfLayout>(p.a_sf_layout), mm, t, p.C) +
+                  static_cast<int64_t>(c0) * p.a_sf_cstride;
+      } else {
+        ap[nt] = static_cast<const uint8_t*>(p.a) +
+                 (ia * p.a_stride + mm * p.K + static_cast<int64_t>(c0) * kChunk + t * 16) * 2;
+        asp[nt] = nullptr;
+      }
+    }
+  }
+};
+
 template <typename T, int NT, bool A4>
 __global__ void __launch_bounds__(Cfg<NT>::kMaxWarps * 32, 1)
     gemm_small_m_kernel(const __grid_constant__ Params p) {
@@ -481,37 +508,15 @@ __global__ void __launch_bounds__(Cfg<NT>::kMaxWarps * 32, 1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int nwarps = blockDim.x >> 5;
-  const int64_t z = blockIdx.z;
-  const int64_t ia = p.map.a_index(z), ib = p.map.b_index(z);
-  const int m0 = blockIdx.y * (8 * NT);
-  // This CTA's tile groups (kTPW tiles each): a balanced contiguous share.
-  const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
-  const int g_begin = static_cast<int>(static_cast<int64_t>(blockIdx.x) * groups / gridDim.x);
-  const int ngroups = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * groups / gridDim.x) - g_begin;
+  const Prologue<NT, A4> pro(p, warp, g, t);
+  const int64_t z = pro.z, ib = pro.ib;
+  const int m0 = pro.m0, g_begin = pro.g_begin, ngroups = pro.ngroups, c0 = pro.c0;
+  const auto& ap = pro.ap;
+  const auto& asp = pro.asp;
   // Per group, warp w owns chunks c0 .. c0 + cpw - 1; a group is spg slots
   // (cpw rounded up to D) so that groups start at a multiple of D slots.
   const int cpw = p.chunks_per_warp;
   const int spg = (cpw + D - 1) / D * D;
-  const int c0 = warp * cpw;
-
-  // ---- activation pointers at chunk c0 (the same for every group) -------------------
-  const uint8_t* ap[NT];
-  const uint8_t* asp[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    // Tokens past M read token M-1: only their own output columns see them.
-    const int64_t mm = min(m0 + 8 * nt + g, p.M - 1);
-    if constexpr (A4) {
-      ap[nt] = static_cast<const uint8_t*>(p.a) + ia * p.a_stride + mm * (p.K / 2) + static_cast<int64_t>(c0) * 32 +
-               t * 8;
-      asp[nt] = p.a_sf + ia * p.a_sf_stride + sf_offset(static_cast<SfLayout>(p.a_sf_layout), mm, t, p.C) +
-                static_cast<int64_t>(c0) * p.a_sf_cstride;
-    } else {
-      ap[nt] = static_cast<const uint8_t*>(p.a) +
-               (ia * p.a_stride + mm * p.K + static_cast<int64_t>(c0) * kChunk + t * 16) * 2;
-      asp[nt] = nullptr;
-    }
-  }
 
   // ---- weight pointers at chunk c0 of the group being issued ---------------------------
   const uint8_t* const b_base = p.b + ib * p.b_stride;
@@ -595,7 +600,7 @@ __global__ void __launch_bounds__(Cfg<NT>::kMaxWarps * 32, 1)
 
   // ---- epilogue of one group: reduce the warps' K slices (fixed order), scale, store ----
   float alpha = p.b_g[ib] * 128.0f;
-  if constexpr (A4) alpha = (p.a_g[ia] * p.b_g[ib]) * 16384.0f;
+  if constexpr (A4) alpha = (p.a_g[pro.ia] * p.b_g[ib]) * 16384.0f;
   const int64_t out_base = z * static_cast<int64_t>(p.M) * p.N;
   constexpr int F = kTPW * NT * 4 * 32;  // floats of one warp's partial sums
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -751,25 +756,35 @@ int ctas_per_sm(Kernel kernel, int threads, size_t smem, std::atomic<int>* cache
   return n;
 }
 
-// Packed weights: warps split K (at most kPkWarps), a persistent grid of about
-// one wave walks the tile groups.
+// Packed weights: `nc` consumer warps split K item by item (plus the producer
+// warp); a persistent grid of about one wave walks the tile groups.
 template <typename T, int NT, bool A4>
 cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   Params& p = L.p;
+  constexpr int kCpi = PkCfg<NT>::kCpi;
   const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
   const int64_t mtiles = (static_cast<int64_t>(p.M) + 8 * NT - 1) / (8 * NT);
   if (groups > 0x7FFFFFFF || mtiles > 65535 || L.batch > 65535) return cudaErrorInvalidConfiguration;
-  const int64_t chunks = std::max<int32_t>(p.chunks, 1);
-  int64_t nwk = std::min<int64_t>(kPkWarps, chunks);
-  const int64_t cpw = (chunks + nwk - 1) / nwk;
-  nwk = (chunks + cpw - 1) / cpw;
-  p.chunks_per_warp = static_cast<int32_t>(cpw);
-  const int threads = static_cast<int>(nwk) * 32;
-  const size_t smem = packed_smem_bytes<NT>(static_cast<int>(nwk));
+  // Consumer warps: the count whose items are fullest (the last item of a
+  // group may leave warps idle), the larger on a tie.
+  const int64_t runs = (std::max<int32_t>(p.chunks, 1) + kCpi - 1) / kCpi;  // kCpi-chunk runs per group
+  int64_t nc = 1;
+  double best = 0.0;
+  for (int64_t w = 1; w <= std::min<int64_t>(PkCfg<NT>::kWarps, runs); ++w) {
+    const double fill = static_cast<double>(runs) / (((runs + w - 1) / w) * w);
+    if (fill >= best) {
+      best = fill;
+      nc = w;
+    }
+  }
+  p.chunks_per_warp = kCpi;
+  p.items = static_cast<int32_t>((runs + nc - 1) / nc);
+  const int threads = static_cast<int>(nc + 1) * 32;
+  const size_t smem = packed_smem_bytes<NT>(static_cast<int>(nc));
   auto kernel = gemm_packed_kernel<T, NT, A4>;
   static std::atomic<bool> smem_set[kMaxDevices];
-  if (cudaError_t e = allow_smem(kernel, packed_smem_bytes<NT>(kPkWarps), smem_set); e != cudaSuccess) return e;
-  static std::atomic<int> occ[kPkWarps + 1];
+  if (cudaError_t e = allow_smem(kernel, packed_smem_bytes<NT>(PkCfg<NT>::kWarps), smem_set); e != cudaSuccess) return e;
+  static std::atomic<int> occ[PkCfg<NT>::kWarps + 2];  // by warp count (consumers + producer)
   const int64_t slots = static_cast<int64_t>(sm_count()) * ctas_per_sm(kernel, threads, smem, occ);
   const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(groups, slots / (mtiles * L.batch)));
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));

@@ -5,26 +5,34 @@
 //
 // Why a separate kernel: the packed order needs no guards (rows and K are
 // zero-padded) and no per-element permutation, so the loop can be short. At
-// M <= 32 the GEMM is bound by instruction issue and the integer (ALU) pipe
-// long before DRAM (ncu on H200: ~60% issue-active, ALU pipe ~57% busy), so
-// every instruction per chunk counts. Per warp, chunk of 64 K and 2 weight
-// tiles (2048 weights) the loop spends about 150 instructions on the work
-// itself (88 integer ops extracting codes, 32 HMUL2 applying the scales, 14
-// converting the scales, 4 LDS, 8 * NT mma.sync) and about 40 on everything
-// else: cp.async of the next ring stage, one wait, 2 * NT activation loads (L1
-// hits: every group reads the same K slice), cursor updates. Warps' K slices
-// are reduced in shared memory in a fixed order once per group
-// (deterministic, no workspace, no atomics).
+// M <= 32 the GEMM is bound by instruction issue long before DRAM (ncu on
+// H200: DRAM ~30% busy, 60-66% issue-active with 4 warps per scheduler), so
+// every instruction per weight counts.
+//
+// Warp specialisation. A CTA is `nc` consumer warps plus one producer warp.
+// The producer (one lane) fills a CTA-wide ring of shared-memory stages with
+// bulk copies (the TMA unit, no tensor map): a stage ("item") holds, for the
+// group's kTPW tiles, the codes and scales of nc * kCpi consecutive chunks of
+// 64 K, which are contiguous per tile in the packed order, so one item is four
+// copies whatever the warp count. Consumer warp w takes chunks w * kCpi ..
+// w * kCpi + kCpi - 1 of every item (K interleaved over the warps, item by
+// item). Stages are handed over with mbarriers: `full` completes when the
+// item's bytes have landed, `empty` when every consumer lane has read it.
+// Before this, each warp copied its own stages (cp.async per lane, or bulk
+// copies of its lane 0): about 100 producer instructions per item in every
+// warp, a fifth of the loop (benchmarks/kernel/NOTES.md).
+//
+// At the end of a group the consumers' float32 partial sums are added in a
+// fixed tree order through shared memory (deterministic, no workspace, no
+// atomics) and stored; consumers synchronise on a named barrier that the
+// producer does not join.
 #pragma once
 
 #ifndef JAXFP4_PK_WARPS
-#define JAXFP4_PK_WARPS 16  // most warps (K slices) per CTA
+#define JAXFP4_PK_WARPS 16  // most consumer warps (K slices) per CTA
 #endif
 #ifndef JAXFP4_PK_STAGES_N8
-#define JAXFP4_PK_STAGES_N8 3  // ring stages per warp for M <= 8
-#endif
-#ifndef JAXFP4_PK_MINB_N8
-#define JAXFP4_PK_MINB_N8 1  // CTAs per SM the register budget is sized for, M <= 8
+#define JAXFP4_PK_STAGES_N8 3  // ring stages for M <= 8
 #endif
 
 namespace jaxfp4 {
@@ -32,134 +40,136 @@ namespace sm90_gemm {
 
 constexpr int kPkWarps = JAXFP4_PK_WARPS;
 // Ring geometry per token-tile count (H200 measurements, benchmarks/kernel/NOTES.md):
-// one token tile (M <= 8) runs 2 chunks per loop trip (half the loop and ring
-// overhead per weight) in a 3-stage ring; with 2 or 4 token tiles the extra
-// activation registers would spill, so 1 chunk per trip in 4 stages.
+// one token tile (M <= 8) runs 2 chunks per warp and item (half the loop
+// overhead per weight); with 2 or 4 token tiles the extra activation
+// registers would spill, so 1 chunk.
 template <int NT>
 struct PkCfg {
-  static constexpr int kCpi = NT == 1 ? 2 : 1;     // chunks of 64 K per ring stage ("item")
-  static constexpr int kStages = NT == 1 ? JAXFP4_PK_STAGES_N8 : 4;  // ring stages per warp
-  // CTAs per SM the registers are budgeted for (two, i.e. 64 registers, spill).
-  static constexpr int kMinBlocks = NT == 1 ? JAXFP4_PK_MINB_N8 : 1;
+  static constexpr int kWarps = kPkWarps;       // most consumer warps
+  static constexpr int kCpi = NT == 1 ? 2 : 1;  // chunks per consumer warp and item
+  static constexpr int kStages = NT == 1 ? JAXFP4_PK_STAGES_N8 : 4;  // ring stages
   // Reduction buffers: two alternate by group (one barrier per group); with four
   // token tiles one (their size would crowd out the ring), and a second barrier.
   static constexpr int kRedBufs = NT == 4 ? 1 : 2;
-  // One stage: the codes of kTPW tiles x kCpi chunks ([tile][chunk], 512 bytes
-  // each), then their scales ([tile][chunk], 64 bytes each). Both are
-  // contiguous per tile in the packed order, so a lane copies 16-byte pieces.
-  static constexpr int kStageBytes = kTPW * kCpi * (kPackedChunkBytes + kPackedScaleBytes);
-  static constexpr int kScalePieces = kTPW * kCpi * kPackedScaleBytes / 16;  // lanes that copy scales
-  static_assert(kScalePieces <= 32, "one scale piece per lane");
+  // Chunks one stage holds per tile (the most consumer warps x kCpi).
+  static constexpr int kStageChunks = kWarps * kCpi;
+  // One stage: [tile][chunk] codes (512 bytes each), then [tile][chunk] scales (64 bytes each).
+  static constexpr int kStageBytes = kTPW * kStageChunks * (kPackedChunkBytes + kPackedScaleBytes);
 };
 
-// Shared memory of a CTA with `warps` warps: the reduction buffer, then the rings.
+// Shared memory of a CTA with `nc` consumer warps: the reduction buffers, the
+// ring, then its mbarriers (full and empty per stage).
 template <int NT>
-constexpr size_t packed_smem_bytes(int warps) {
-  return static_cast<size_t>(warps) *
-         (PkCfg<NT>::kRedBufs * kTPW * NT * 4 * 32 * sizeof(float) + PkCfg<NT>::kStages * PkCfg<NT>::kStageBytes);
+constexpr size_t packed_smem_bytes(int nc) {
+  return static_cast<size_t>(nc) * PkCfg<NT>::kRedBufs * kTPW * NT * 4 * 32 * sizeof(float) +
+         static_cast<size_t>(PkCfg<NT>::kStages) * (PkCfg<NT>::kStageBytes + 16);
+}
+
+// Bulk copies (sm_90's TMA unit, no tensor map): global -> shared, completing
+// on an mbarrier that counts the bytes. The CTA is its own cluster, so its
+// shared::cta addresses are valid shared::cluster ones.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
+}
+__device__ __forceinline__ void fence_mbar_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+// The producer's arrival on a `full` barrier, adding the bytes to wait for.
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+// Spins until the barrier's phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{ .reg .pred done;\n"
+      "  POLL: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "  @!done bra POLL; }" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// A consumer lane's arrival on a stage's `empty` barrier (release: its reads of
+// the stage happen before the producer's next copies into it).
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+// Barrier 1 over the consumer warps only (barrier 0, __syncthreads, would wait for the producer).
+__device__ __forceinline__ void consumers_sync(int nc) {
+  asm volatile("bar.sync 1, %0;" ::"r"(nc * 32) : "memory");
 }
 
 template <typename T, int NT, bool A4>
-__global__ void __launch_bounds__(kPkWarps * 32, PkCfg<NT>::kMinBlocks)
-    gemm_packed_kernel(const __grid_constant__ Params p) {
-  constexpr int S = PkCfg<NT>::kStages;
-  constexpr int kPkCpi = PkCfg<NT>::kCpi;
-  constexpr int kPkStageBytes = PkCfg<NT>::kStageBytes;
-  constexpr int kPkScalePieces = PkCfg<NT>::kScalePieces;
+__global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_kernel(const __grid_constant__ Params p) {
+  using Cfg = PkCfg<NT>;
+  constexpr int S = Cfg::kStages;
+  constexpr int kCpi = Cfg::kCpi;
+  constexpr int kSC = Cfg::kStageChunks;
   constexpr int F = kTPW * NT * 4 * 32;  // floats of one warp's partial sums
   static_assert(S >= 2, "the ring needs two stages");
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  // Broadcast from lane 0, so the compiler knows the warp index is the same in
+  // every lane: what derives from it lives in uniform registers.
+  const int warp = __shfl_sync(0xFFFFFFFFu, static_cast<int>(threadIdx.x >> 5), 0);
   const int g = lane >> 2, t = lane & 3;
-  const int nwarps = blockDim.x >> 5;
-  const int64_t z = blockIdx.z;
-  const int64_t ia = p.map.a_index(z), ib = p.map.b_index(z);
-  const int m0 = blockIdx.y * (8 * NT);
-  // This CTA's groups of kTPW tiles: a balanced contiguous share.
-  const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
-  const int g_begin = static_cast<int>(static_cast<int64_t>(blockIdx.x) * groups / gridDim.x);
-  const int ngroups = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * groups / gridDim.x) - g_begin;
+  const int nc = (blockDim.x >> 5) - 1;  // consumer warps; warp nc is the producer
+  const Prologue<NT, A4> pro(p, warp, g, t);  // (p.chunks_per_warp = kCpi: c0 = warp * kCpi)
+  const int g_begin = pro.g_begin, ngroups = pro.ngroups;
   if (ngroups <= 0) return;  // uniform over the CTA
-  // Warp w owns chunks c0 .. c0 + mine - 1 of every group (mine may be 0 for
-  // the last warps; they still take part in the reductions).
-  const int c0 = warp * p.chunks_per_warp;
-  const int mine = max(0, min(p.chunks_per_warp, p.chunks - c0));
+  const int items = p.items;  // ring items per group: ceil(chunks / (nc * kCpi))
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  float* const red = reinterpret_cast<float*>(smem_raw);  // [kRedBufs][nwarps][F]
-  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + PkCfg<NT>::kRedBufs * nwarps * F * 4 +
-                        warp * S * kPkStageBytes;
-
-  // ---- producer: cp.async of the next item (group pg, chunk c0 + pi) ----------------
-  const uint8_t* const b_base = p.b + ib * p.b_stride;
-  const uint8_t* const bsf_base = p.b_sf + ib * p.b_sf_stride;
-  const uint8_t* wsrc[kTPW];  // this lane's first 16 code bytes of each tile
-  const uint8_t* ssrc;        // lanes < kPkScalePieces: one 16-byte piece of the scales
-  constexpr int kPiecesPerTile = kPkCpi * kPackedScaleBytes / 16;
-  auto point = [&](int grp) {
-    // The second tile of an odd last group re-reads the last tile: never stored.
-#pragma unroll
-    for (int tp = 0; tp < kTPW; ++tp) {
-      const int tile = min((g_begin + grp) * kTPW + tp, p.tiles - 1);
-      wsrc[tp] = b_base + (static_cast<int64_t>(tile) * p.chunks + c0) * kPackedChunkBytes + lane * 16;
+  float* const red = reinterpret_cast<float*>(smem_raw);  // [kRedBufs][nc][F]
+  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + Cfg::kRedBufs * nc * F * 4;
+  const uint32_t full = ring + S * Cfg::kStageBytes;  // [S] mbarriers, then empty [S]
+  const uint32_t empty = full + 8 * S;
+  if (warp == nc && lane == 0) {
+    for (int i = 0; i < S; ++i) {
+      mbar_init(full + 8 * i, 1);        // the producer's arrival (+ the bytes)
+      mbar_init(empty + 8 * i, nc * 32);  // every consumer lane
     }
-    const int tile = min((g_begin + grp) * kTPW + min(lane / kPiecesPerTile, kTPW - 1), p.tiles - 1);
-    ssrc = bsf_base + (static_cast<int64_t>(tile) * p.chunks + c0) * kPackedScaleBytes + (lane % kPiecesPerTile) * 16;
-  };
-  // Items per group: the warp's chunks in runs of kPkCpi (the last may be shorter).
-  const int items = (mine + kPkCpi - 1) / kPkCpi;
-  int pg = 0, pit = 0, qi = 0;  // next item to issue: group, item of the group, ring stage
-  point(0);
-  auto issue = [&]() {
-    if (items > 0 && pg < ngroups) {
-      const uint32_t dst = ring + qi * kPkStageBytes;
-      const int nck = min(kPkCpi, mine - pit * kPkCpi);  // chunks in this item
-      if (nck == kPkCpi) {
-#pragma unroll
-        for (int tp = 0; tp < kTPW; ++tp)
-#pragma unroll
-          for (int ci = 0; ci < kPkCpi; ++ci)
-            cp_async16(dst + (tp * kPkCpi + ci) * kPackedChunkBytes + lane * 16, wsrc[tp] + ci * kPackedChunkBytes);
-      } else {  // the short last item of a group: its first chunks only
-#pragma unroll
-        for (int tp = 0; tp < kTPW; ++tp)
-#pragma unroll
-          for (int ci = 0; ci < kPkCpi; ++ci)
-            if (ci < nck)
-              cp_async16(dst + (tp * kPkCpi + ci) * kPackedChunkBytes + lane * 16, wsrc[tp] + ci * kPackedChunkBytes);
-      }
-#pragma unroll
-      for (int tp = 0; tp < kTPW; ++tp) wsrc[tp] += kPkCpi * kPackedChunkBytes;
-      if (lane < kPkScalePieces && (lane % kPiecesPerTile) < 4 * nck)
-        cp_async16(dst + kTPW * kPkCpi * kPackedChunkBytes + lane * 16, ssrc);
-      ssrc += kPkCpi * kPackedScaleBytes;
-      if (++pit == items) {
-        pit = 0;
-        if (++pg < ngroups) point(pg);
+    fence_mbar_init();  // initialised before the bulk copies and the other warps use them
+  }
+  __syncthreads();
+
+  if (warp == nc) {
+    // ---- producer: one lane walks (group, item) and copies each item into the
+    // next stage once its consumers have released it.
+    if (lane != 0) return;
+    const int64_t tile_chunks = p.chunks;
+    int64_t first = static_cast<int64_t>(g_begin) * kTPW * tile_chunks;  // chunk index of the group's first tile
+    int qi = 0;
+    uint32_t ph = 1;  // parity to wait for on `empty`: a fresh barrier's previous phase counts as complete
+    for (int grp = 0; grp < ngroups; ++grp, first += kTPW * tile_chunks) {
+      // The second tile of an odd last group is not copied: its outputs are never stored.
+      const int ntp = min(kTPW, p.tiles - (g_begin + grp) * kTPW);
+      for (int it = 0; it < items; ++it) {
+        const int c = it * nc * kCpi;
+        const int nck = min(nc * kCpi, p.chunks - c);  // chunks in this item
+        mbar_wait(empty + 8 * qi, ph);
+        const uint32_t dst = ring + qi * Cfg::kStageBytes, bar = full + 8 * qi;
+        mbar_expect_tx(bar, ntp * nck * (kPackedChunkBytes + kPackedScaleBytes));
+        for (int tp = 0; tp < ntp; ++tp) {
+          const int64_t src = first + tp * tile_chunks + c;
+          bulk_copy(dst + tp * kSC * kPackedChunkBytes, p.b + pro.ib * p.b_stride + src * kPackedChunkBytes,
+                    nck * kPackedChunkBytes, bar);
+          bulk_copy(dst + kTPW * kSC * kPackedChunkBytes + tp * kSC * kPackedScaleBytes,
+                    p.b_sf + pro.ib * p.b_sf_stride + src * kPackedScaleBytes, nck * kPackedScaleBytes, bar);
+        }
+        if (++qi == S) {
+          qi = 0;
+          ph ^= 1u;
+        }
       }
     }
-    cp_async_commit();  // one commit group per item, empty or not: wait_group counts items
-    qi = qi + 1 == S ? 0 : qi + 1;
-  };
-
-  // ---- activations of chunk c0 (the same K slice for every group) ------------------------
-  const uint8_t* ap[NT];
-  const uint8_t* asp[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    // Tokens past M read token M-1: only their own output columns see them.
-    const int64_t mm = min(m0 + 8 * nt + g, p.M - 1);
-    if constexpr (A4) {
-      ap[nt] = static_cast<const uint8_t*>(p.a) + ia * p.a_stride + mm * (p.K / 2) + static_cast<int64_t>(c0) * 32 +
-               t * 8;
-      asp[nt] = p.a_sf + ia * p.a_sf_stride + sf_offset(static_cast<SfLayout>(p.a_sf_layout), mm, t, p.C) +
-                static_cast<int64_t>(c0) * p.a_sf_cstride;
-    } else {
-      ap[nt] = static_cast<const uint8_t*>(p.a) +
-               (ia * p.a_stride + mm * p.K + static_cast<int64_t>(c0) * kChunk + t * 16) * 2;
-      asp[nt] = nullptr;
-    }
+    return;
   }
 
+  // ---- consumers ---------------------------------------------------------------------
   float acc[kTPW][NT][4];
 #pragma unroll
   for (int tp = 0; tp < kTPW; ++tp)
@@ -168,66 +178,73 @@ __global__ void __launch_bounds__(kPkWarps * 32, PkCfg<NT>::kMinBlocks)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[tp][nt][j] = 0.0f;
 
-  float alpha = p.b_g[ib] * 128.0f;
-  if constexpr (A4) alpha = (p.a_g[ia] * p.b_g[ib]) * 16384.0f;
-  const int64_t out_base = z * static_cast<int64_t>(p.M) * p.N;
+  float alpha = p.b_g[pro.ib] * 128.0f;
+  if constexpr (A4) alpha = (p.a_g[pro.ia] * p.b_g[pro.ib]) * 16384.0f;
+  const int64_t out_base = pro.z * static_cast<int64_t>(p.M) * p.N;
+  const int64_t item_act = static_cast<int64_t>(nc) * kCpi * (A4 ? kChunk / 2 : kChunk * 2);  // bytes per item
+  const int64_t item_asf = static_cast<int64_t>(nc) * kCpi * p.a_sf_cstride;
 
-  const bool full_k = p.C % 4 == 0;  // K is a whole number of chunks
-  for (int k = 0; k < S - 1; ++k) issue();
-  int qc = 0;  // ring stage of the item being computed
+  int qc = 0;          // ring stage of the item being computed
+  uint32_t phase = 0;  // `full` parity of the ring's current round
   for (int grp = 0; grp < ngroups; ++grp) {
     // Activation pointers of this item's first chunk (advanced per item, reset per group).
     const uint8_t* aq[NT];
     const uint8_t* asq[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      aq[nt] = ap[nt];
-      asq[nt] = asp[nt];
+      aq[nt] = pro.ap[nt];
+      asq[nt] = pro.asp[nt];
     }
     for (int it = 0; it < items; ++it) {
-      const int i0 = it * kPkCpi;
+      const int c = it * nc * kCpi + warp * kCpi;  // this warp's first chunk of the item
+      const int mine = min(kCpi, p.chunks - c);     // its chunks in the item (<= 0: none)
       // Activations first (L1/L2 hits): they land while the weights are dequantized.
-      // Unpredicated unless the item is short or holds the last block of a ragged K.
-      ActStage<NT, A4> at[kPkCpi];
-      if (i0 + kPkCpi <= mine && (full_k || c0 + i0 + kPkCpi < p.chunks)) {
+      // Unpredicated unless the warp's chunks are short or hold the last block of a ragged K.
+      ActStage<NT, A4> at[kCpi];
+      if (mine == kCpi && (p.C % 4 == 0 || c + kCpi < p.chunks)) {
 #pragma unroll
-        for (int ci = 0; ci < kPkCpi; ++ci) load_act<NT, A4, false>(at[ci], aq, asq, ci, p.a_sf_cstride, true);
+        for (int ci = 0; ci < kCpi; ++ci) load_act<NT, A4, false>(at[ci], aq, asq, ci, p.a_sf_cstride, true);
       } else {
 #pragma unroll
-        for (int ci = 0; ci < kPkCpi; ++ci) {
-          const bool blk_ok = i0 + ci < mine && 4 * (c0 + i0 + ci) + t < p.C;
+        for (int ci = 0; ci < kCpi; ++ci) {
+          const bool blk_ok = ci < mine && 4 * (c + ci) + t < p.C;
           load_act<NT, A4, true>(at[ci], aq, asq, ci, p.a_sf_cstride, blk_ok);
         }
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        aq[nt] += kPkCpi * (A4 ? kChunk / 2 : kChunk * 2);
-        if constexpr (A4) asq[nt] += kPkCpi * p.a_sf_cstride;
+        aq[nt] += item_act;
+        if constexpr (A4) asq[nt] += item_asf;
       }
-      cp_async_wait<S - 2>();  // this item's stage has landed (for this lane) ...
-      __syncwarp();            // ... for every lane, and the stage read last item is free
-      issue();
-      const uint32_t src = ring + qc * kPkStageBytes;
+      mbar_wait(full + 8 * qc, phase);  // this item's bytes have landed
+      const uint32_t src = ring + qc * Cfg::kStageBytes;
+      // Every chunk's shared-memory loads first, so their latencies overlap (a
+      // chunk past the warp's share reads stale bytes that are never used).
+      Stage st[kCpi];
 #pragma unroll
-      for (int ci = 0; ci < kPkCpi; ++ci) {
-        if (ci == 0 || i0 + ci < mine) {  // uniform: the last item of a group may be short
-          Stage st;
+      for (int ci = 0; ci < kCpi; ++ci) {
+        const int sc = warp * kCpi + ci;  // the chunk's slot in the stage
 #pragma unroll
-          for (int tp = 0; tp < kTPW; ++tp) {
-            st.w[tp] = lds128(src + (tp * kPkCpi + ci) * kPackedChunkBytes + lane * 16);
-            st.sf[tp] = lds_u16(src + kTPW * kPkCpi * kPackedChunkBytes + (tp * kPkCpi + ci) * kPackedScaleBytes +
-                                lane * 2);
-          }
-          mma_chunk<T, NT, true, A4>(acc, st, at[ci]);
+        for (int tp = 0; tp < kTPW; ++tp) {
+          st[ci].w[tp] = lds128(src + (tp * kSC + sc) * kPackedChunkBytes + lane * 16);
+          st[ci].sf[tp] =
+              lds_u16(src + kTPW * kSC * kPackedChunkBytes + (tp * kSC + sc) * kPackedScaleBytes + lane * 2);
         }
       }
-      qc = qc + 1 == S ? 0 : qc + 1;
+#pragma unroll
+      for (int ci = 0; ci < kCpi; ++ci)
+        if (ci < mine) mma_chunk<T, NT, true, A4>(acc, st[ci], at[ci]);  // uniform over the warp
+      mbar_arrive(empty + 8 * qc);  // this lane is done with the stage
+      if (++qc == S) {
+        qc = 0;
+        phase ^= 1u;  // the ring's next round
+      }
     }
     // ---- the group's outputs: the warps' K slices added (a fixed tree: deterministic),
     // scaled, stored. With two reduction buffers alternating by group one barrier
     // per group suffices: a buffer is rewritten two groups later, after every
-    // thread has passed the next group's barrier and so finished reading it.
-    float* const rb = red + (PkCfg<NT>::kRedBufs == 2 ? (grp & 1) * nwarps * F : 0);
+    // consumer has passed the next group's barrier and so finished reading it.
+    float* const rb = red + (Cfg::kRedBufs == 2 ? (grp & 1) * nc * F : 0);
     const int tile0 = (g_begin + grp) * kTPW;
 #pragma unroll
     for (int tp = 0; tp < kTPW; ++tp)
@@ -238,22 +255,21 @@ __global__ void __launch_bounds__(kPkWarps * 32, PkCfg<NT>::kMinBlocks)
           rb[warp * F + ((tp * NT + nt) * 4 + j) * 32 + lane] = acc[tp][nt][j];
           acc[tp][nt][j] = 0.0f;
         }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < F; idx += blockDim.x) {
-      float v[kPkWarps];
+    consumers_sync(nc);
+    for (int idx = threadIdx.x; idx < F; idx += nc * 32) {
+      float v[Cfg::kWarps];
 #pragma unroll
-      for (int w = 0; w < kPkWarps; ++w) v[w] = w < nwarps ? rb[w * F + idx] : 0.0f;
+      for (int w = 0; w < Cfg::kWarps; ++w) v[w] = w < nc ? rb[w * F + idx] : 0.0f;
 #pragma unroll
-      for (int h = 1; h < kPkWarps; h *= 2)
+      for (int h = 1; h < Cfg::kWarps; h *= 2)
 #pragma unroll
-        for (int w = 0; w + h < kPkWarps; w += 2 * h) v[w] += v[w + h];
+        for (int w = 0; w + h < Cfg::kWarps; w += 2 * h) v[w] += v[w + h];
       const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
-      store_out(p, out_base, alpha, (tile0 + tp) * 16 + (ln >> 2) + 8 * (j >> 1), m0 + 8 * nt + 2 * (ln & 3) + (j & 1),
-                v[0]);
+      store_out(p, out_base, alpha, (tile0 + tp) * 16 + (ln >> 2) + 8 * (j >> 1),
+                pro.m0 + 8 * nt + 2 * (ln & 3) + (j & 1), v[0]);
     }
-    if constexpr (PkCfg<NT>::kRedBufs == 1) __syncthreads();  // the buffer is read before it is rewritten
+    if constexpr (Cfg::kRedBufs == 1) consumers_sync(nc);  // the buffer is read before it is rewritten
   }
-  cp_async_wait<0>();
 }
 
 }  // namespace sm90_gemm
