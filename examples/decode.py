@@ -5,6 +5,7 @@ tokens/s, time per output token, and how close the NVFP4 logits stay to bf16.
     python examples/decode.py --config tiny --batches 1,4 --tokens 16 --models bf16,nvfp4-w4a16
     python examples/decode.py --checkpoint /models/Llama-3.1-8B-Instruct-FP4 [--no-fuse]
     python examples/decode.py --models bf16,nvfp4-w4a4 --dynamic-act-scale
+    python examples/decode.py --lm-head bf16           # keep the NVFP4 models' lm_head bf16
 
 The model and its weights are in llama.py, next to this file: all models run the
 same flax module, only the projections differ (bf16 or NVFP4), fused into
@@ -13,6 +14,14 @@ NVFP4 models quantize the same bf16 weights) or, with --checkpoint DIR
 (ModelOpt or compressed-tensors NVFP4), the checkpoint's: the NVFP4 models use
 its quantized linears and the bf16 baseline their dequantized values, so the
 models differ only in kernels and (W4A4) activation quantization.
+
+The NVFP4 models' lm_head (--lm-head) is NVFP4 (a W4A16 jaxfp4.matmul, float32
+logits; in the W4A4 model too, which needs no input scale for it) or bf16.
+auto (the default): with --checkpoint the checkpoint's choice (its quantized
+lm_head used as stored, exactly; bf16 if it stores the lm_head in bf16), with
+random weights nvfp4 (every projection NVFP4). Tied embeddings: the NVFP4
+lm_head is a quantized copy of the table; the token lookup stays bf16. The
+bf16 baseline keeps a bf16 lm_head (a checkpoint's quantized one dequantized).
 
 W4A4 activation scales are STATIC by default, as in deployed NVFP4 models (a
 fixed g_a per projection, ModelOpt's `input_scale`: one quantize launch, no
@@ -24,9 +33,9 @@ steps (one token each, a static-length KV cache, donated). The prompt runs
 through the same loop with its tokens forced (prefill); then only the decode
 loop is timed. Accuracy: each NVFP4 model is fed the bf16 model's tokens
 (prompt and generated, teacher-forced) and its logits at every position are
-compared with bf16's (mean cosine similarity, top-1 agreement). With random
-weights the logits are flat, so top-1 flips on near-ties more than it would
-with a trained model.
+compared with bf16's (mean cosine similarity, top-1 agreement; an NVFP4
+lm_head's quantization included). With random weights the logits are flat, so
+top-1 flips on near-ties more than it would with a trained model.
 """
 
 from __future__ import annotations
@@ -53,6 +62,22 @@ from llama import (CONFIGS, Config, Decoder, Params, Scales, calibrate, checkpoi
 from llama import RMSNorm, hf_name  # noqa: E402,F401  (re-exported: the tests reach them through this module)
 
 MODELS = {"bf16": "bf16", "nvfp4-w4a16": "w4a16", "nvfp4-w4a4": "w4a4"}  # name -> linear
+
+
+def lm_head(args: argparse.Namespace, cfg: Config, ckpt: Any) -> tuple[str, str]:
+    """(the NVFP4 models' lm_head, "bf16" or "nvfp4" (Decoder.head); its header line).
+    --lm-head auto: a checkpoint's own choice (nvfp4 if it stores a quantized
+    lm_head, else bf16); random weights: nvfp4, every projection NVFP4."""
+    stored = ckpt is not None and "lm_head" in ckpt.linears  # a quantized lm_head
+    head = args.lm_head
+    if head == "auto":
+        head = "nvfp4" if ckpt is None or stored else "bf16"
+    if head == "bf16":
+        return head, "lm_head: bf16" + (" (the checkpoint's quantized lm_head, dequantized)" if stored else "")
+    source = ("the checkpoint's, as stored" if stored else "a quantized copy of the tied embedding"
+              if cfg.tie_embeddings else "the bf16 lm_head quantized")
+    w4a4 = "; the W4A4 model's too (weight-only: no input scale)" if "nvfp4-w4a4" in args.models else ""
+    return head, f"lm_head: nvfp4 (w4a16, {source}){w4a4}"
 
 
 # ---- static activation scales ----------------------------------------------------------
@@ -233,6 +258,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dynamic-act-scale", action="store_true", help="W4A4: dynamic activation global "
                    "scales (an amax pass per projection), not static ones (the checkpoint's or calibrated)")
     p.add_argument("--calib-seqs", type=int, default=4, help="extra random sequences to calibrate on")
+    p.add_argument("--lm-head", choices=("auto", "bf16", "nvfp4"), default="auto",
+                   help="the NVFP4 models' lm_head: nvfp4 (W4A16) or bf16; auto: the checkpoint's "
+                   "(nvfp4 if it stores a quantized lm_head), with random weights nvfp4")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     if unknown := set(args.models.split(",")) - set(MODELS):
@@ -283,6 +311,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
           f"ffn {cfg.ffn}, vocab {cfg.vocab}; prompt {args.prompt_len}, decode {args.tokens} tokens")
     print("projections: " + ("fused qkv_proj, gate_up_proj" if fused else "unfused (--no-fuse)" if not args.fuse
                              else "unfused (the checkpoint's q/k/v or gate/up global scales differ)"))
+    head, how = lm_head(args, cfg, ckpt)
+    print(how)
     prompts = {b: jax.random.randint(jax.random.key(args.seed + b), (b, args.max_len), 0, cfg.vocab, jnp.int32)
                for b in args.batches}
     rows, refs, notes, t0, scales = [], {}, [], time.perf_counter(), None
@@ -295,8 +325,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for model_name in args.models:  # bf16 first: its runs are the reference
         linear = MODELS[model_name]
         static = linear == "w4a4" and scales is not None
-        params = base if linear == "bf16" else nvfp4_params(base, linear, packing, ckpt, scales if static else None)
-        model = Decoder(cfg, linear, packing, static, fused)
+        if linear == "bf16":  # the baseline: bf16 lm_head whatever --lm-head says
+            params, model = base, Decoder(cfg, linear, fused=fused)
+        else:
+            params = nvfp4_params(base, linear, packing, ckpt, scales if static else None, head)
+            model = Decoder(cfg, linear, packing, static, fused, head)
         bar.set_postfix_str(f"compiling {model_name}")
         t0 = time.perf_counter()
         runs = compile_all(make_generate(model), params, cfg, args.batches, args.max_len)

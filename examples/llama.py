@@ -1,17 +1,20 @@
 """The Llama-style model that examples/decode.py runs, and its weights.
 
 One flax module (Decoder) for every model; only the projections differ
-(`linear`: "bf16" is nn.Dense, "w4a16"/"w4a4" jaxfp4.flax.Dense); embeddings,
-norms and lm_head stay bf16. Fused (the default), the projections that share an
-input have their weights concatenated along the outputs: qkv_proj (split into
-q, k, v) and gate_up_proj (gate, up): fewer, larger GEMMs and, for W4A4, fewer
-activation quantizations. Weights: random_params (scaled normal, made on the
-device per projection; fused or not, the same bf16 model), checkpoint_params (a
-jaxfp4.checkpoint's linears dequantized, the bf16 baseline; its parts
-concatenate exactly only if their global scales are equal, so it is fused only
-if they are everywhere) and nvfp4_params (the bf16 weights quantized, or the
-checkpoint's quantized linears). calibrate: W4A4 static input scales, as
-ModelOpt calibrates them.
+(`linear`: "bf16" is nn.Dense, "w4a16"/"w4a4" jaxfp4.flax.Dense) and the lm_head
+(`head`: "bf16" an einsum against the bf16 table, "nvfp4" NVFP4Head, a W4A16
+jaxfp4.matmul; with tied embeddings a quantized copy of the table); embeddings
+(the token lookup) and norms stay bf16. Fused (the default), the projections
+that share an input have their weights concatenated along the outputs: qkv_proj
+(split into q, k, v) and gate_up_proj (gate, up): fewer, larger GEMMs and, for
+W4A4, fewer activation quantizations. Weights: random_params (scaled normal,
+made on the device per projection; fused or not, the same bf16 model),
+checkpoint_params (a jaxfp4.checkpoint's linears dequantized, the bf16
+baseline; its parts concatenate exactly only if their global scales are equal,
+so it is fused only if they are everywhere) and nvfp4_params (the bf16 weights
+quantized, or the checkpoint's quantized linears; with head="nvfp4" the lm_head
+too: the checkpoint's quantized one as stored, else the bf16 table quantized).
+calibrate: W4A4 static input scales, as ModelOpt calibrates them.
 """
 
 from __future__ import annotations
@@ -121,6 +124,33 @@ class Embed(nn.Module):
         return jnp.einsum("bsd,vd->bsv", x, self.weight, preferred_element_type=jnp.float32)
 
 
+class NVFP4Head(nn.Module):
+    """An NVFP4 lm_head: float32 logits x @ W^T, W [vocab, K] NVFP4 and x bf16 (W4A16,
+    in W4A4 models too: see Decoder). Its params are a jaxfp4.flax.Dense's
+    (dense_params, packed as `packing`), but it calls jaxfp4.matmul itself: a Dense
+    returns its compute dtype, bf16 logits would turn near-equal tokens into ties,
+    and a float32 Dense would leave the GPU kernel for the reference path."""
+    vocab: int
+    packing: str | None = None  # as the projections' weight_packing
+
+    def fresh(self, k: int) -> dict[str, jax.Array]:
+        """The params `.init` makes: an Embed-like normal table, quantized."""
+        table = nn.initializers.normal(1.0)(self.make_rng("params"), (self.vocab, k), jnp.float32)
+        return jfx.dense_params(jaxfp4.quantize(table, sf_layout="linear"), packing=self.packing)
+
+    @nn.compact
+    def attend(self, x: jax.Array) -> jax.Array:
+        k = x.shape[-1]
+        fresh = self.fresh(k) if self.is_initializing() else {}  # real weights come from nvfp4_params
+        # flax evaluates a param's init even when the param exists, to check its
+        # shape: an existing param is its own init.
+        init = lambda n: lambda _: fresh[n] if fresh else self.get_variable("params", n)
+        data, scales, g = (self.param(n, init(n)) for n in ("weight", "weight_scale", "weight_scale_2"))
+        packed = dict(packing=self.packing, packed_shape=(self.vocab, k)) if self.packing else {}
+        w = jaxfp4.NVFP4Tensor(data, scales, g, "linear", **packed)
+        return jaxfp4.matmul(x.astype(jnp.bfloat16), w, out_dtype=jnp.float32)
+
+
 class Projections(nn.Module):
     """The settings every part of the model shares; `proj` makes one projection,
     nn.Dense (bf16) or jaxfp4.flax.Dense (NVFP4), with the HF module name (or a
@@ -197,14 +227,21 @@ class Block(Projections):
 
 class Decoder(Projections):
     """tokens [B, S] at positions [S] -> (logits float32 [B, S, vocab], cache).
-    With cache=None it is a plain causal forward over the S tokens."""
+    With cache=None it is a plain causal forward over the S tokens.
+
+    An NVFP4 lm_head is W4A16 even in a W4A4 model: it needs no calibrated input
+    scale, and at decode batch sizes its time goes to reading the weight, which
+    4-bit activations would not shorten."""
+    head: str = "bf16"  # the lm_head: "bf16" (Embed.attend) | "nvfp4" (NVFP4Head)
 
     def setup(self) -> None:
         c = self.cfg
-        self.embed_tokens = Embed(c.vocab, c.hidden)
+        self.embed_tokens = Embed(c.vocab, c.hidden)  # the lookup stays bf16, tied or not
         self.layers = [Block(**self.settings()) for _ in range(c.layers)]  # named layers_0, layers_1, ...
         self.norm = RMSNorm(c.norm_eps)
-        if not c.tie_embeddings:
+        if self.head == "nvfp4":  # tied: a quantized copy of embed_tokens' table
+            self.lm_head = NVFP4Head(c.vocab, self.packing)
+        elif not c.tie_embeddings:
             self.lm_head = Embed(c.vocab, c.hidden)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array,
@@ -214,7 +251,7 @@ class Decoder(Projections):
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, positions, None if cache is None else cache[i])
             new_cache.append(kv)
-        head = self.embed_tokens if self.cfg.tie_embeddings else self.lm_head
+        head = self.embed_tokens if self.cfg.tie_embeddings and self.head == "bf16" else self.lm_head
         return head.attend(self.norm(x)), None if cache is None else new_cache
 
 
@@ -322,14 +359,26 @@ def parts(ckpt: Any, path: tuple[str, ...]) -> list[Any]:
     return [ckpt.linears[hf_name((*path[:-1], part))] for part in FUSED.get(path[-1], (path[-1],))]
 
 
+def nvfp4_head(params: Params, packing: str | None, ckpt: Any = None) -> dict[str, jax.Array]:
+    """The params of an NVFP4Head: the checkpoint's quantized lm_head as stored
+    (exact, not the dequantized table of the bf16 baseline) if it has one, else
+    the bf16 lm_head quantized (tied: a quantized copy of embed_tokens' table)."""
+    if ckpt is not None and "lm_head" in ckpt.linears:
+        return jfx.dense_params(ckpt.linears["lm_head"].weight, packing=packing)
+    table = params["lm_head" if "lm_head" in params else "embed_tokens"]["weight"]
+    quantize = jax.jit(lambda t: jfx.dense_params(jaxfp4.quantize(t, sf_layout="linear"), packing=packing))
+    return quantize(table)
+
+
 def nvfp4_params(params: Params, mode: str, packing: str | None, ckpt: Any = None,
-                 input_scales: Scales | None = None) -> Params:
+                 input_scales: Scales | None = None, head: str = "bf16") -> Params:
     """The NVFP4 model's params (fused like the bf16 `params`): without a
     checkpoint jaxfp4.flax.quantize_params of the bf16 params (every nn.Dense
     kernel quantized; jitted, one layer at a time), else dense_params of the
     checkpoint's linears (a fused one: concat_rows of its parts). The other
     tensors, biases included, are shared with `params` (no copy). W4A4 with
-    static activation scales: `input_scales` {projection path: g_a} are added."""
+    static activation scales: `input_scales` {projection path: g_a} are added.
+    head="nvfp4" (Decoder.head): the lm_head is nvfp4_head's, else the bf16 one."""
     if ckpt is None:
         quantize = jax.jit(partial(jfx.quantize_params, mode=mode, packing=packing))
         out = traverse_util.flatten_dict({k: quantize(v) if k.startswith("layers_") else v
@@ -341,6 +390,9 @@ def nvfp4_params(params: Params, mode: str, packing: str | None, ckpt: Any = Non
             dense = jfx.dense_params(concat_rows([lw.weight for lw in parts(ckpt, path)]), packing=packing)
             out.update({(*path, k): v for k, v in dense.items()})
     out.update({(*path, "input_scale"): g for path, g in (input_scales or {}).items()})
+    if head == "nvfp4":  # replaces the bf16 lm_head (tied: adds one beside embed_tokens)
+        out = {path: x for path, x in out.items() if path[0] != "lm_head"}
+        out.update({("lm_head", k): v for k, v in nvfp4_head(params, packing, ckpt).items()})
     return traverse_util.unflatten_dict(out)
 
 

@@ -1,10 +1,13 @@
 """examples/decode.py on the CPU with the tiny config: the benchmark's table and
 accuracy, the KV-cache decode against a full causal forward, fused projections
 (qkv_proj, gate_up_proj) against separate ones, W4A4 with calibrated static
-input scales (the default) and dynamic ones (--dynamic-act-scale), and
---checkpoint with ModelOpt checkpoints written by jaxfp4.checkpoint.save, whose
-fused parts have equal global scales and input scales (fused exactly, static
-scales from the checkpoint) or not (unfused, calibrated scales)."""
+input scales (the default) and dynamic ones (--dynamic-act-scale), the NVFP4
+lm_head (--lm-head: W4A16 on the quantized table, tied embeddings too) against
+the bf16 one, and --checkpoint with ModelOpt checkpoints written by
+jaxfp4.checkpoint.save, whose fused parts have equal global scales and input
+scales (fused exactly, static scales from the checkpoint) or not (unfused,
+calibrated scales), with the lm_head stored bf16 (auto: bf16) or quantized
+(auto: used as stored)."""
 
 import importlib.util
 import json
@@ -19,6 +22,7 @@ import pytest
 from flax import traverse_util
 
 import jaxfp4
+from jaxfp4.primitives.gemm import gemm_p
 from jaxfp4.primitives.quantize import quantize_p
 
 pytest.importorskip("flax")
@@ -57,20 +61,24 @@ def test_main_prints_the_table_and_accuracy(tmp_path, capsys):
             assert r.cosine > 0.9, r
             assert 0.0 <= r.top1 <= 1.0 and r.speedup > 0
     assert "logit cos" in out and "kernels run" in out and "projections: fused qkv_proj, gate_up_proj" in out
+    # Random weights, --lm-head auto: every projection of the NVFP4 models NVFP4, the lm_head too.
+    assert ("lm_head: nvfp4 (w4a16, the bf16 lm_head quantized); the W4A4 model's too "
+            "(weight-only: no input scale)\n") in out
     # Calibrated on the 1 + 2 batch rows and 4 extra sequences, max_len = 4 + 4 + 1 tokens each.
     assert "activation scales: static (calibrated on 63 tokens)" in out
     if importlib.util.find_spec("matplotlib"):
         assert plot.stat().st_size > 0
 
 
-@pytest.mark.parametrize("linear,fused", [("bf16", False), ("w4a16", True)])
-def test_kv_cache_decode_matches_full_forward(linear, fused):
+@pytest.mark.parametrize("linear,fused,head", [("bf16", False, "bf16"), ("w4a16", True, "bf16"),
+                                               ("w4a16", True, "nvfp4")])
+def test_kv_cache_decode_matches_full_forward(linear, fused, head):
     cfg, batch, length = decode.CONFIGS["tiny"], 2, 12
     with _cpu():
         params = decode.random_params(cfg, seed=1, fused=fused)
         if linear != "bf16":
-            params = decode.nvfp4_params(params, linear, None)
-        model = decode.Decoder(cfg, linear, fused=fused)
+            params = decode.nvfp4_params(params, linear, None, head=head)
+        model = decode.Decoder(cfg, linear, fused=fused, head=head)
         tokens = jax.random.randint(jax.random.key(2), (batch, length), 0, cfg.vocab, jnp.int32)
         # Every step teacher-forced: the cache holds exactly the given tokens.
         run = decode.make_generate(model)
@@ -111,15 +119,15 @@ def test_fused_projections_are_the_same_bf16_model():
     assert decode.parse_args(["--no-fuse"]).fuse is False and decode.parse_args([]).fuse is True
 
 
-def _quantizes(jaxpr):
-    """The quantize_p equations of a jaxpr, its sub-jaxprs' included."""
+def _eqns(jaxpr, primitive=quantize_p):
+    """The equations of `primitive` in a jaxpr, its sub-jaxprs' included."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive is quantize_p:
+        if eqn.primitive is primitive:
             yield eqn
         for v in eqn.params.values():
             for sub in v if isinstance(v, (list, tuple)) else [v]:
                 if hasattr(inner := getattr(sub, "jaxpr", sub), "eqns"):
-                    yield from _quantizes(inner)
+                    yield from _eqns(inner, primitive)
 
 
 def _cosine(a, b):
@@ -160,7 +168,7 @@ def test_calibrated_static_input_scales():
         for p, is_static in ((static, True), (dynamic, False)):
             model = decode.Decoder(cfg, "w4a4", static_input_scale=is_static)
             jaxpr = jax.make_jaxpr(lambda p, c, m=model: m.apply({"params": p}, tok, pos, c))(p, cache)
-            eqns = list(_quantizes(jaxpr.jaxpr))
+            eqns = list(_eqns(jaxpr.jaxpr))
             assert len(eqns) == 4 * cfg.layers
             assert all(e.params["dynamic"] is (not is_static) for e in eqns)
             assert all(len(e.invars) == 1 + is_static for e in eqns)  # x (+ g_a)
@@ -179,29 +187,41 @@ def test_dynamic_act_scale(capsys):
     assert [r.model for r in rows] == ["bf16", "nvfp4-w4a4"] and rows[1].cosine > 0.9, rows
 
 
+def _save_checkpoint(path, cfg, flat, g=None, input_scale=None, lm_head_g=None):
+    """A ModelOpt checkpoint at `path` of the unfused bf16 model's params `flat`
+    (flattened): every kernel quantized with global scale g (None: dynamic), with
+    `input_scale`; the lm_head stored bf16, or with lm_head_g quantized with that g."""
+    from jaxfp4 import checkpoint
+    with _cpu():
+        kernels = {p[:-1]: x for p, x in flat.items() if p[-1] == "kernel"}
+        linears = {decode.hf_name(m): checkpoint.LinearWeights(jaxfp4.quantize(x.T, g), input_scale,
+                                                               flat.get((*m, "bias")))
+                   for m, x in kernels.items()}
+        tensors = {decode.hf_name(p): np.asarray(x) for p, x in flat.items() if p[-1] not in ("kernel", "bias")}
+        if lm_head_g is not None:
+            linears["lm_head"] = jaxfp4.quantize(tensors.pop("lm_head.weight"), lm_head_g)
+    hf_config = dict(vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                     num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                     intermediate_size=cfg.ffn, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+                     tie_word_embeddings=cfg.tie_embeddings, model_type="llama")
+    checkpoint.save(path, linears, tensors, config=hf_config)
+    return str(path)
+
+
 @pytest.mark.parametrize("equal_scales", [True, False])
 def test_checkpoint_gives_shapes_weights_and_baseline(tmp_path, capsys, equal_scales):
     """equal_scales: every linear quantized with one global scale and given one input
-    scale, q/k/v with biases (the model fuses); else each its own dynamic global scale."""
+    scale, q/k/v with biases (the model fuses); else each its own dynamic global scale.
+    The lm_head is stored bf16: --lm-head auto keeps it bf16."""
     pytest.importorskip("safetensors")
-    from jaxfp4 import checkpoint
     bias = ("q_proj", "k_proj", "v_proj") if equal_scales else ()
     cfg = replace(decode.CONFIGS["tiny"], bias=bias)
     with _cpu():
         flat = traverse_util.flatten_dict(decode.random_params(cfg, seed=3, fused=False))
         flat.update({p: 0.1 * jax.random.normal(jax.random.key(i), x.shape, x.dtype)
                      for i, (p, x) in enumerate(flat.items()) if p[-1] == "bias"})
-        kernels = {p[:-1]: x for p, x in flat.items() if p[-1] == "kernel"}
-        g = max(float(jnp.abs(x).max()) for x in kernels.values()) / (6 * 448) if equal_scales else None
-        linears = {decode.hf_name(m): checkpoint.LinearWeights(
-            jaxfp4.quantize(x.T, g), jnp.float32(2e-3) if equal_scales else None, flat.get((*m, "bias")))
-            for m, x in kernels.items()}
-        tensors = {decode.hf_name(p): np.asarray(x) for p, x in flat.items() if p[-1] not in ("kernel", "bias")}
-    hf_config = dict(vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-                     num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-                     intermediate_size=cfg.ffn, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
-                     tie_word_embeddings=False, model_type="llama")
-    checkpoint.save(tmp_path / "tiny-nvfp4", linears, tensors, config=hf_config)
+        g = max(float(jnp.abs(x).max()) for p, x in flat.items() if p[-1] == "kernel") / (6 * 448)
+    _save_checkpoint(tmp_path / "tiny-nvfp4", cfg, flat, *((g, jnp.float32(2e-3)) if equal_scales else ()))
     assert json.loads((tmp_path / "tiny-nvfp4" / "config.json").read_text())["hidden_size"] == cfg.hidden
     with _cpu():
         rows = decode.main(["--checkpoint", str(tmp_path / "tiny-nvfp4"), "--batches", "1", "--tokens", "3",
@@ -218,6 +238,7 @@ def test_checkpoint_gives_shapes_weights_and_baseline(tmp_path, capsys, equal_sc
             "activation scales: static (calibrated on 35 tokens)") in out
     assert ("projections: fused qkv_proj, gate_up_proj" if equal_scales else
             "projections: unfused (the checkpoint's q/k/v or gate/up global scales differ)") in out
+    assert "lm_head: bf16\n" in out and "lm_head: nvfp4" not in out
     if not equal_scales:
         return
     # Fused exactly: the NVFP4 qkv_proj dequantizes to the fused bf16 kernel, and the
@@ -226,6 +247,14 @@ def test_checkpoint_gives_shapes_weights_and_baseline(tmp_path, capsys, equal_sc
         args = [decode.parse_args(["--checkpoint", str(tmp_path / "tiny-nvfp4"), *a]) for a in ([], ["--no-fuse"])]
         (cfg, base, ckpt, _, fused), (_, base_sep, _, _, sep) = map(decode.load_weights, args)
         assert fused and not sep and cfg.bias == bias
+        # The lm_head is stored bf16: auto keeps it (the NVFP4 params hold the bf16 table);
+        # --lm-head nvfp4 quantizes that table.
+        assert decode.lm_head(args[0], cfg, ckpt) == ("bf16", "lm_head: bf16")
+        assert decode.nvfp4_params(base, "w4a16", None, ckpt)["lm_head"]["weight"] is base["lm_head"]["weight"]
+        forced = decode.parse_args(["--checkpoint", str(tmp_path / "tiny-nvfp4"), "--lm-head", "nvfp4"])
+        assert decode.lm_head(forced, cfg, ckpt)[1].startswith("lm_head: nvfp4 (w4a16, the bf16 lm_head quantized)")
+        head = decode.nvfp4_params(base, "w4a16", None, ckpt, head="nvfp4")["lm_head"]
+        np.testing.assert_array_equal(head["weight"], jaxfp4.quantize(base["lm_head"]["weight"]).data)
         (scales, how), (scales_sep, _) = (decode.activation_scales(a, cfg, p, ckpt, f, [])
                                           for a, p, f in zip(args, (base, base_sep), (fused, sep)))
         assert how == "static (checkpoint)" and len(scales) == 4 * cfg.layers and len(scales_sep) == 7 * cfg.layers
@@ -241,3 +270,98 @@ def test_checkpoint_gives_shapes_weights_and_baseline(tmp_path, capsys, equal_sc
         b = _forward(cfg, decode.nvfp4_params(base, "w4a4", None, ckpt, scales), tokens, "w4a4",
                      static_input_scale=True)
     np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max(), rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_nvfp4_lm_head(tied):
+    """head="nvfp4": the lm_head is the bf16 table quantized (tied: a copy, the lookup
+    keeps the bf16 table), run as one more W4A16 GEMM with float32 logits, in the
+    W4A4 model too; its logits differ from the bf16 head's by that quantization."""
+    cfg = replace(decode.CONFIGS["tiny"], tie_embeddings=tied)
+    with _cpu():
+        params = decode.random_params(cfg, seed=9)
+        table = params["embed_tokens" if tied else "lm_head"]["weight"]
+        assert ("lm_head" in params) is not tied and table.dtype == jnp.bfloat16
+        bf16_head = decode.nvfp4_params(params, "w4a16", None)  # head="bf16": the table as it is
+        nvfp4_head = decode.nvfp4_params(params, "w4a16", None, head="nvfp4")
+        assert ("lm_head" in bf16_head) is not tied
+        assert nvfp4_head["embed_tokens"]["weight"] is params["embed_tokens"]["weight"]  # lookup: bf16, shared
+        head, want = nvfp4_head["lm_head"], jaxfp4.quantize(table, sf_layout="linear")
+        assert set(head) == {"weight", "weight_scale", "weight_scale_2"}  # a jaxfp4.flax.Dense's params
+        assert head["weight"].dtype == jnp.uint8 and head["weight"].shape == (cfg.vocab, cfg.hidden // 2)
+        np.testing.assert_array_equal(head["weight"], want.data)
+        np.testing.assert_array_equal(head["weight_scale"].view(jnp.uint8), want.scales.view(jnp.uint8))
+        assert float(head["weight_scale_2"]) == float(want.global_scale)
+
+        # One decode step: the lm_head is one more jaxfp4 GEMM, W4A16 with float32 out (the
+        # projections' are bf16), also in the W4A4 model, which quantizes no more activations.
+        cache, tok, pos = decode.init_cache(cfg, 2, 8), jnp.zeros((2, 1), jnp.int32), jnp.array([3])
+        projs = 4 * cfg.layers  # qkv_proj, o_proj, gate_up_proj, down_proj
+        for linear in ("w4a16", "w4a4"):
+            for p, h in ((bf16_head, "bf16"), (nvfp4_head, "nvfp4")):
+                model = decode.Decoder(cfg, linear, head=h)
+                jaxpr = jax.make_jaxpr(lambda p, c, m=model: m.apply({"params": p}, tok, pos, c))(p, cache).jaxpr
+                gemms = list(_eqns(jaxpr, gemm_p))
+                assert len(gemms) == projs + (h == "nvfp4"), (linear, h)
+                out = {np.dtype(jnp.bfloat16): "projection", np.dtype(np.float32): "lm_head"}
+                modes = sorted((out[e.params["out_dtype"]], e.params["mode"]) for e in gemms)
+                assert modes == [("lm_head", "w4a16")] * (h == "nvfp4") + [("projection", linear)] * projs
+                assert len(list(_eqns(jaxpr))) == (projs if linear == "w4a4" else 0)
+
+        tokens = jax.random.randint(jax.random.key(10), (2, 6), 0, cfg.vocab, jnp.int32)
+        ref = _forward(cfg, params, tokens)
+        a = _forward(cfg, bf16_head, tokens, "w4a16")
+        b = _forward(cfg, nvfp4_head, tokens, "w4a16", head="nvfp4")
+        # The same logits as a bf16-style lm_head holding the quantized table's exact (float32)
+        # values, beside the bf16 lookup table: the NVFP4 head is the quantized table.
+        untied = {**bf16_head, "lm_head": {"weight": jaxfp4.dequantize(want)}}
+        c = _forward(replace(cfg, tie_embeddings=False), untied, tokens, "w4a16")
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(b, c, atol=1e-5 * scale, rtol=0)
+    assert np.abs(b - a).max() > 0.01 * scale  # the lm_head's quantization shows
+    assert _cosine(a, ref) > 0.98 and _cosine(b, ref) > 0.98, (_cosine(a, ref), _cosine(b, ref))
+
+
+def test_tied_embeddings_with_nvfp4_lm_head(monkeypatch, capsys):
+    monkeypatch.setitem(decode.CONFIGS, "tiny", replace(decode.CONFIGS["tiny"], tie_embeddings=True))
+    with _cpu():
+        rows = decode.main([*ARGS, "--batches", "1", "--lm-head", "nvfp4", "--plot", ""])
+    out = capsys.readouterr().out
+    assert ("lm_head: nvfp4 (w4a16, a quantized copy of the tied embedding); the W4A4 model's too "
+            "(weight-only: no input scale)\n") in out
+    assert [r.model for r in rows] == list(decode.MODELS) and all(r.cosine > 0.9 for r in rows[1:]), rows
+
+
+def test_checkpoint_with_a_quantized_lm_head(tmp_path, capsys):
+    """auto: the NVFP4 models use the checkpoint's quantized lm_head as stored (its bytes,
+    not a requantization of the dequantized table), the bf16 baseline its dequantized
+    values; --lm-head bf16 gives the NVFP4 models that bf16 table too."""
+    pytest.importorskip("safetensors")
+    cfg = decode.CONFIGS["tiny"]
+    with _cpu():
+        flat = traverse_util.flatten_dict(decode.random_params(cfg, seed=11, fused=False))
+        # A global scale twice the dynamic one: the dequantized table quantizes to other bytes.
+        g = 2 * float(jnp.abs(flat[("lm_head", "weight")]).max()) / (6 * 448)
+    path = _save_checkpoint(tmp_path / "tiny-qhead", cfg, flat, lm_head_g=g)
+    with _cpu():
+        args = decode.parse_args(["--checkpoint", path])
+        cfg, base, ckpt, _, _ = decode.load_weights(args)
+        stored = ckpt.linears["lm_head"].weight
+        assert decode.lm_head(args, cfg, ckpt) == (
+            "nvfp4", "lm_head: nvfp4 (w4a16, the checkpoint's, as stored); the W4A4 model's too "
+            "(weight-only: no input scale)")
+        np.testing.assert_array_equal(base["lm_head"]["weight"], jaxfp4.dequantize(stored, jnp.bfloat16))
+        head = decode.nvfp4_params(base, "w4a16", None, ckpt, head="nvfp4")["lm_head"]
+        np.testing.assert_array_equal(head["weight"], stored.data)
+        np.testing.assert_array_equal(head["weight_scale"].view(jnp.uint8), stored.scales.view(jnp.uint8))
+        assert float(head["weight_scale_2"]) == float(stored.global_scale) == pytest.approx(g)
+        requantized = jaxfp4.quantize(base["lm_head"]["weight"], sf_layout="linear")
+        assert float(requantized.global_scale) != pytest.approx(g)  # what a requantization would give
+        no_head = decode.parse_args(["--checkpoint", path, "--lm-head", "bf16"])
+        assert decode.lm_head(no_head, cfg, ckpt) == (
+            "bf16", "lm_head: bf16 (the checkpoint's quantized lm_head, dequantized)")
+        rows = decode.main(["--checkpoint", path, "--batches", "1", "--tokens", "3", "--prompt-len", "3",
+                            "--models", "bf16,nvfp4-w4a16", "--plot", ""])
+    assert "lm_head: nvfp4 (w4a16, the checkpoint's, as stored)\n" in capsys.readouterr().out
+    # The baseline holds the same weights dequantized (to bf16): only rounding differs.
+    assert rows[1].cosine > 0.999, rows[1]
