@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=16, help="decode steps traced")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--top", type=int, default=20, help="kernels listed per model")
+    p.add_argument("--lm-head", choices=("bf16", "nvfp4"), default="nvfp4",
+                   help="the NVFP4 models' lm_head (as examples/decode.py --lm-head; random weights: nvfp4)")
     args = p.parse_args(argv)
     cfg, b, n, start = CONFIGS[args.config], args.batch, args.tokens, args.prompt_len
     max_len = start + n + 1
@@ -63,8 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     scales = calibrate(cfg, base, prompt, True) if "w4a4" in models else None
     i32 = jnp.int32
     for lin in models:
-        params = base if lin == "bf16" else nvfp4_params(base, lin, packing, None, scales if lin == "w4a4" else None)
-        model = Decoder(cfg, lin, packing, lin == "w4a4", True)
+        head = "bf16" if lin == "bf16" else args.lm_head
+        params = base if lin == "bf16" else nvfp4_params(base, lin, packing, None, scales if lin == "w4a4" else None,
+                                                         head)
+        model = Decoder(cfg, lin, packing, lin == "w4a4", True, head)
         run = decode.compile_all(decode.make_generate(model), params, cfg, [b], max_len)[b]
 
         def prefill():
