@@ -76,6 +76,41 @@ JAXFP4_HD uint32_t e2m1_encode(float v) {
   return code | ((float_to_bits(v) >> 28) & 0x8u);
 }
 
+// The same codes as e2m1_encode with fewer instructions (what the CUDA
+// quantize kernel runs per element). For c = min(|v|, 6) the magnitude code is
+// the round-half-even of g(c) = min(2c, c + 2, c/2 + 4): one line per binade
+// of E2M1 (code steps of 0.5, 1 and 2), and g is concave, so the min picks the
+// line of c's binade; the tie points of g are exactly e2m1_encode's midpoints,
+// and an even code is one with mantissa bit 0. Rounding commutes with min, so
+// each line is rounded on its own, by adding it to kE2M1Magic = 2^23 + 4 in
+// one float operation (ulp 1 there, and 2^23 + 4 is even; 2c and c/2 are
+// exact, so a fused or an unfused multiply-add rounds the same).
+constexpr float kE2M1Magic = 8388612.0f;  // 2^23 + 4, bits 0x4B000004
+
+// min(a, b) for a b that is never NaN; a NaN `a` gives b (fminf's rule). The
+// host form is a compare, which compilers inline; both are tested exhaustively.
+JAXFP4_HD float min_keep_b(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return fminf(a, b);
+#else
+  return a < b ? a : b;
+#endif
+}
+
+// kE2M1Magic + the magnitude code (0..7) of e2m1_encode(v), as a float (its
+// bits are 0x4B000004 + code), for every v; NaN gives 7. The float form lets
+// the kernel pack codes with integer multiply-adds.
+JAXFP4_HD float e2m1_magnitude_float(float v) {
+  const float c = min_keep_b(std::fabs(v), 6.0f);
+  return min_keep_b(min_keep_b(c * 2.0f + kE2M1Magic, c + (kE2M1Magic + 2.0f)), c * 0.5f + (kE2M1Magic + 4.0f));
+}
+
+// e2m1_encode(v) for every float v, NaN included.
+JAXFP4_HD uint32_t e2m1_encode_fast(float v) {
+  const uint32_t code = float_to_bits(e2m1_magnitude_float(v)) - float_to_bits(kE2M1Magic);
+  return v != v ? code : code | ((float_to_bits(v) >> 28) & 0x8u);
+}
+
 // ---- E4M3 (spec section 2) -------------------------------------------------
 
 JAXFP4_HD float e4m3_decode(uint8_t b) {
