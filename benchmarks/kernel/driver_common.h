@@ -2,6 +2,8 @@
 // quantize_driver.cu) share; each includes it after the kernel source it tests.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 
@@ -26,3 +28,13 @@ using jaxfp4::cpu::float_to_f16;
       exit(1);                                                                                  \
     }                                                                                           \
   } while (0)
+
+// A well-mixed 64-bit hash of element i and a seed (splitmix64's finaliser
+// steps): the drivers' fill kernels derive their pseudo-random inputs from it.
+__host__ __device__ inline uint64_t mix_hash(size_t i, uint64_t seed) {
+  uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+  h ^= h >> 29;
+  h *= 0xBF58476D1CE4E5B9ull;
+  h ^= h >> 32;
+  return h;
+}

@@ -297,10 +297,7 @@ static int check_all(bool quick) {
 __global__ void fill_kernel(uint8_t* p, size_t n, uint64_t seed, int mode) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-    h ^= h >> 29;
-    h *= 0xBF58476D1CE4E5B9ull;
-    h ^= h >> 32;
+    const uint64_t h = mix_hash(i, seed);
     uint8_t v = static_cast<uint8_t>(h);
     if (mode == 1) v = 0x28 + (v & 0x1F);  // scales: finite, moderate
     p[i] = v;

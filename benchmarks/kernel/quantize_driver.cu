@@ -431,10 +431,7 @@ template <typename T>
 __global__ void fill_random(T* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-    h ^= h >> 29;
-    h *= 0xBF58476D1CE4E5B9ull;
-    h ^= h >> 32;
+    const uint64_t h = mix_hash(i, seed);
     const float v = ldexpf(1.0f + static_cast<float>(h & 0xFFFF) / 65536.0f, static_cast<int>((h >> 16) % 11) - 8);
     p[i] = static_cast<T>((h >> 40) & 1 ? -v : v);
   }
