@@ -2,8 +2,9 @@
 
 One flax module (Decoder) for every model; only the projections differ
 (`linear`: "bf16" is nn.Dense, "w4a16"/"w4a4" jaxfp4.flax.Dense) and the lm_head
-(`head`: "bf16" an einsum against the bf16 table, "nvfp4" NVFP4Head, a W4A16
-jaxfp4.matmul; with tied embeddings a quantized copy of the table); embeddings
+(`head`: "bf16" an einsum against the bf16 table, "nvfp4" a W4A16
+jaxfp4.flax.Dense with float32 logits; with tied embeddings a quantized copy
+of the table); embeddings
 (the token lookup) and norms stay bf16. Fused (the default), the projections
 that share an input have their weights concatenated along the outputs: qkv_proj
 (split into q, k, v) and gate_up_proj (gate, up): fewer, larger GEMMs and, for
@@ -124,33 +125,6 @@ class Embed(nn.Module):
         return jnp.einsum("bsd,vd->bsv", x, self.weight, preferred_element_type=jnp.float32)
 
 
-class NVFP4Head(nn.Module):
-    """An NVFP4 lm_head: float32 logits x @ W^T, W [vocab, K] NVFP4 and x bf16 (W4A16,
-    in W4A4 models too: see Decoder). Its params are a jaxfp4.flax.Dense's
-    (dense_params, packed as `packing`), but it calls jaxfp4.matmul itself: a Dense
-    returns its compute dtype, bf16 logits would turn near-equal tokens into ties,
-    and a float32 Dense would leave the GPU kernel for the reference path."""
-    vocab: int
-    packing: str | None = None  # as the projections' weight_packing
-
-    def fresh(self, k: int) -> dict[str, jax.Array]:
-        """The params `.init` makes: an Embed-like normal table, quantized."""
-        table = nn.initializers.normal(1.0)(self.make_rng("params"), (self.vocab, k), jnp.float32)
-        return jfx.dense_params(jaxfp4.quantize(table, sf_layout="linear"), packing=self.packing)
-
-    @nn.compact
-    def attend(self, x: jax.Array) -> jax.Array:
-        k = x.shape[-1]
-        fresh = self.fresh(k) if self.is_initializing() else {}  # real weights come from nvfp4_params
-        # flax evaluates a param's init even when the param exists, to check its
-        # shape: an existing param is its own init.
-        init = lambda n: lambda _: fresh[n] if fresh else self.get_variable("params", n)
-        data, scales, g = (self.param(n, init(n)) for n in ("weight", "weight_scale", "weight_scale_2"))
-        packed = dict(packing=self.packing, packed_shape=(self.vocab, k)) if self.packing else {}
-        w = jaxfp4.NVFP4Tensor(data, scales, g, "linear", **packed)
-        return jaxfp4.matmul(x.astype(jnp.bfloat16), w, out_dtype=jnp.float32)
-
-
 class Projections(nn.Module):
     """The settings every part of the model shares; `proj` makes one projection,
     nn.Dense (bf16) or jaxfp4.flax.Dense (NVFP4), with the HF module name (or a
@@ -232,7 +206,7 @@ class Decoder(Projections):
     An NVFP4 lm_head is W4A16 even in a W4A4 model: it needs no calibrated input
     scale, and at decode batch sizes its time goes to reading the weight, which
     4-bit activations would not shorten."""
-    head: str = "bf16"  # the lm_head: "bf16" (Embed.attend) | "nvfp4" (NVFP4Head)
+    head: str = "bf16"  # the lm_head: "bf16" (Embed.attend) | "nvfp4" (a W4A16 jaxfp4.flax.Dense)
 
     def setup(self) -> None:
         c = self.cfg
@@ -240,7 +214,10 @@ class Decoder(Projections):
         self.layers = [Block(**self.settings()) for _ in range(c.layers)]  # named layers_0, layers_1, ...
         self.norm = RMSNorm(c.norm_eps)
         if self.head == "nvfp4":  # tied: a quantized copy of embed_tokens' table
-            self.lm_head = NVFP4Head(c.vocab, self.packing)
+            # float32 logits (bf16 ones would turn near-equal tokens into ties), from
+            # the GEMM's float32 accumulator on the kernel's fast bf16 path.
+            self.lm_head = jfx.Dense(c.vocab, mode="w4a16", dtype=jnp.bfloat16, out_dtype=jnp.float32,
+                                     weight_packing=self.packing)
         elif not c.tie_embeddings:
             self.lm_head = Embed(c.vocab, c.hidden)
 
@@ -251,8 +228,12 @@ class Decoder(Projections):
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, positions, None if cache is None else cache[i])
             new_cache.append(kv)
-        head = self.embed_tokens if self.cfg.tie_embeddings and self.head == "bf16" else self.lm_head
-        return head.attend(self.norm(x)), None if cache is None else new_cache
+        x = self.norm(x)
+        if self.head == "nvfp4":
+            logits = self.lm_head(x)
+        else:
+            logits = (self.embed_tokens if self.cfg.tie_embeddings else self.lm_head).attend(x)
+        return logits, None if cache is None else new_cache
 
 
 def init_cache(cfg: Config, batch: int, max_len: int) -> Cache:
@@ -360,9 +341,10 @@ def parts(ckpt: Any, path: tuple[str, ...]) -> list[Any]:
 
 
 def nvfp4_head(params: Params, packing: str | None, ckpt: Any = None) -> dict[str, jax.Array]:
-    """The params of an NVFP4Head: the checkpoint's quantized lm_head as stored
-    (exact, not the dequantized table of the bf16 baseline) if it has one, else
-    the bf16 lm_head quantized (tied: a quantized copy of embed_tokens' table)."""
+    """The params of the NVFP4 lm_head (a jaxfp4.flax.Dense): the checkpoint's
+    quantized lm_head as stored (exact, not the dequantized table of the bf16
+    baseline) if it has one, else the bf16 lm_head quantized (tied: a quantized
+    copy of embed_tokens' table)."""
     if ckpt is not None and "lm_head" in ckpt.linears:
         return jfx.dense_params(ckpt.linears["lm_head"].weight, packing=packing)
     table = params["lm_head" if "lm_head" in params else "embed_tokens"]["weight"]

@@ -144,6 +144,9 @@ class Dense(nn.Module):
       dtype: activation compute and output dtype (float32, bfloat16, float16;
         x is cast to it). On a GPU, bfloat16/float16 run the W4A16 kernel,
         float32 activations the slower (exact) reference path.
+      out_dtype: the output dtype if not `dtype` (float32, bfloat16,
+        float16), e.g. float32 logits from a bfloat16 lm_head: the GEMM
+        accumulates in float32 and rounds once to it, on the fast path.
       small_batch_threshold: w4a4 activations of M <= this many rows (M is
         the product of x's leading dims) get "8x4" scales, larger M "128x4".
       weight_packing: None (params in checkpoint order) or "sm90" (params in
@@ -158,6 +161,7 @@ class Dense(nn.Module):
     use_bias: bool = False
     mode: str = "w4a16"
     dtype: Any = jnp.bfloat16
+    out_dtype: Any = None
     small_batch_threshold: int = 32
     weight_packing: str | None = None
     static_input_scale: bool = False
@@ -168,20 +172,27 @@ class Dense(nn.Module):
         path = "/".join(str(p) for p in self.scope.path) if self.scope is not None else ""
         return f"jaxfp4.flax.Dense at {path or self.name or '<top>'!r}"
 
-    def _check_config(self) -> np.dtype:
+    def _check_config(self) -> tuple[np.dtype, np.dtype]:
+        """(compute dtype, output dtype), validated."""
         where = self._where()
         check_mode(self.mode, where)
-        try:
-            dt = np.dtype(self.dtype)
-        except TypeError:
-            dt = None
-        if dt not in FLOAT_DTYPES:
-            raise TypeError(f"{where}: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+        def float_dtype(value: Any, name: str) -> np.dtype:
+            try:
+                dt = np.dtype(value)
+            except TypeError:
+                dt = None
+            if dt not in FLOAT_DTYPES:
+                raise TypeError(f"{where}: {name} must be float32, bfloat16 or float16, got {value!r}")
+            return dt
+
+        dt = float_dtype(self.dtype, "dtype")
+        out_dt = dt if self.out_dtype is None else float_dtype(self.out_dtype, "out_dtype")
         if self.weight_packing not in _PACKINGS:
             raise ValueError(f"{where}: weight_packing must be one of {_PACKINGS}, got {self.weight_packing!r}")
         if not isinstance(self.features, (int, np.integer)) or self.features < 1:
             raise ValueError(f"{where}: features must be a positive int, got {self.features!r}")
-        return dt
+        return dt, out_dt
 
     def _check_x(self, x: Any) -> jax.Array:
         where = self._where()
@@ -241,8 +252,8 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Applies the layer to x [..., K]; returns [..., features] in `dtype`."""
-        dt = self._check_config()
+        """Applies the layer to x [..., K]; returns [..., features] in `out_dtype` (default `dtype`)."""
+        dt, out_dt = self._check_config()
         x = self._check_x(x)
         k, lead = x.shape[-1], tuple(x.shape[:-1])
         w = self._weight(k)
@@ -254,7 +265,7 @@ class Dense(nn.Module):
                 g_a = decode_scalar(self.param("input_scale", lambda _: jnp.float32(1.0)),
                                     f"{self._where()}: param 'input_scale'")
             a = ops.quantize(a, g_a, sf_layout=activation_sf_layout(m, self.small_batch_threshold))
-        y = ops.matmul(a, w, out_dtype=dt).reshape(*lead, self.features)
+        y = ops.matmul(a, w, out_dtype=out_dt).reshape(*lead, self.features)
         if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), dt).astype(dt)
+            y = y + self.param("bias", self.bias_init, (self.features,), dt).astype(out_dt)
         return y

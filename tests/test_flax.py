@@ -89,6 +89,24 @@ def test_static_input_scale_and_leading_dims(rng):
     _eq(layer.apply(params, x[0, 0, 0]), got[0, 0, 0])
 
 
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_out_dtype(rng, mode):
+    """out_dtype=float32 with bfloat16 compute (an lm_head's float32 logits): one
+    matmul with a float32 result, not a bfloat16 one cast up; the bias too."""
+    x = jnp.asarray(rng.standard_normal((5, 48)), jnp.float32)
+    w, params = _params(rng, 20, 48, bias=True)
+    got = jax.jit(Dense(20, use_bias=True, mode=mode, out_dtype=jnp.float32).apply)(params, x)
+    assert got.dtype == jnp.float32
+    a = x.astype(jnp.bfloat16)
+    if mode == "w4a4":
+        a = jaxfp4.quantize(a, sf_layout="8x4")
+    bias = params["params"]["bias"].astype(jnp.bfloat16).astype(jnp.float32)
+    _eq(got, jaxfp4.matmul(a, w, out_dtype=jnp.float32) + bias)
+    rounded = Dense(20, use_bias=True, mode=mode).apply(params, x)  # bfloat16 out
+    assert rounded.dtype == jnp.bfloat16
+    assert not np.array_equal(np.asarray(got), np.asarray(rounded.astype(jnp.float32)))
+
+
 @pytest.mark.parametrize("m,threshold,layout", [(1, 32, "8x4"), (32, 32, "8x4"), (33, 32, "128x4"),
                                                 (7, 4, "128x4")])
 def test_activation_layout_in_jaxpr(rng, m, threshold, layout):
@@ -211,6 +229,8 @@ def _apply(layer, params, x):
 @pytest.mark.parametrize("make,x,exc,match", [
     (lambda: Dense(20, mode="w8a8"), jnp.ones((2, 48)), ValueError, r"Dense at .*: mode must be one of"),
     (lambda: Dense(20, dtype=jnp.int8), jnp.ones((2, 48)), TypeError, r"Dense at .*: dtype must be float32"),
+    (lambda: Dense(20, out_dtype=jnp.int32), jnp.ones((2, 48)), TypeError,
+     r"Dense at .*: out_dtype must be float32, bfloat16 or float16"),
     (lambda: Dense(20, weight_packing="sm100"), jnp.ones((2, 48)), ValueError, r"weight_packing must be one of"),
     (lambda: Dense(20), jnp.ones((2, 40)), ValueError, r"the last dim of x, K=40, must be a multiple of 16"),
     (lambda: Dense(20), jnp.ones((2, 32)), ValueError,
