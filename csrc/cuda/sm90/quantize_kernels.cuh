@@ -1,0 +1,449 @@
+// The quantize and amax kernels (device code only) of quantize.cu, which
+// includes this file once and whose header comment describes their design.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "jaxfp4/batch.h"
+#include "jaxfp4/format.h"
+
+namespace jaxfp4 {
+namespace {  // private to quantize.cu, the one file that includes this
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;      // quantize kernel block size
+constexpr int kUnroll = 2;         // scale blocks per thread per loop trip
+constexpr int kMaxBlocksPerSm = 8; // cap of the persistent quantize grid (occupancy permitting)
+constexpr int kAmaxThreads = 512;  // amax (cooperative) kernel block size
+constexpr int kAmaxUnroll = 4;
+
+// Unsigned division by a run-time constant for dividends and divisors < 2^31
+// (multiply-high and shift; the construction of CUTLASS's FastDivmod).
+struct FastDiv {
+  uint32_t d = 1, mul = 0, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t divisor) : d(divisor) {
+    if (d > 1) {
+      uint32_t l = 0;
+      while ((1ull << l) < d) ++l;  // ceil(log2 d)
+      const uint32_t p = 31 + l;
+      mul = static_cast<uint32_t>(((1ull << p) + d - 1) / d);
+      shift = p - 32;
+    }
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const {
+    return d == 1 ? n : (__umulhi(n, mul) >> shift);
+  }
+};
+
+struct QuantizeParams {
+  const void* x;          // [*Lx, M, K]
+  const float* g;         // [*Lg] decode scales
+  uint2* data;            // [*L, M, K/2] viewed as 8-byte words (one per scale block)
+  uint8_t* scales;        // [*L, Rp, Cp] (or [*L, M, C] linear)
+  uint32_t blocks;        // total scale blocks = rows * C (< 2^30)
+  FastDiv cols;           // C = K/16: block index -> row
+  FastDiv rows_per_batch; // M: row -> batch entry
+  int32_t m_rows;         // M
+  int32_t c_cols;         // C
+  int32_t c_padded;       // Cp
+  int32_t g_mode;         // 0: g[b], 1: g[0] (one g for all), 2: via the batch map
+  bool flat_rows;         // M == Rp: row r of the flattened batch has scale row r
+  bool wide_offsets;      // the scale array has >= 2^32 bytes: 64-bit offsets
+  bool os_table;          // tabulate the output scales per CTA (one g, several blocks per thread)
+  int64_t scale_stride;   // bytes of scales per batch entry (Rp*Cp)
+  int64_t batch;          // output batch entries
+  int64_t pad_words;      // per batch entry: (Rp-M)*(Cp/4) all-padding 32-bit words
+  int64_t pad_bytes;      // per batch entry: M*(Cp-C) padding columns
+  BatchMap map;           // a = x (never broadcast), b = g
+};
+
+// Loads the 8 elements of a unit as float (exact conversions); the amax kernel's input.
+template <typename T>
+struct Load8;
+
+template <>
+struct Load8<float> {
+  static __device__ __forceinline__ void run(const void* base, int64_t elem, float (&v)[8]) {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + elem);
+    const float4 a = __ldg(p), b = __ldg(p + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  }
+};
+
+template <>
+struct Load8<__nv_bfloat16_raw> {
+  static __device__ __forceinline__ void run(const void* base, int64_t elem, float (&v)[8]) {
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + elem));
+    const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = __uint_as_float(u[i] << 16);
+      v[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
+    }
+  }
+};
+
+template <>
+struct Load8<__half> {
+  static __device__ __forceinline__ void run(const void* base, int64_t elem, float (&v)[8]) {
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + elem));
+    const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(u[i] & 0xFFFFu)));
+      v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(u[i] >> 16)));
+    }
+  }
+};
+
+// ---- one scale block of 16 inputs, kept as the raw 32-bit words loaded ----
+
+// PTX prmt: byte n of the result is byte (sel >> 4n) & 7 of {b, a}; where bit 3
+// of that nibble is set, it is 0xFF or 0x00 by the sign bit of that byte.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+// The sign bits of 8 elements in their code positions (bit 4i + 3), from
+// `even` and `odd`: byte j of each is 0xFF where element 2j (2j + 1) is negative.
+__device__ __forceinline__ uint32_t sign_bits8(uint32_t even, uint32_t odd) {
+  return (even & 0x08080808u) | (odd & 0x80808080u);
+}
+
+// 16-bit inputs: 8 words, element 2k in the low half of word k.
+template <typename T>
+struct Block16 {
+  uint32_t w[8];
+
+  __device__ __forceinline__ void load(const void* x, uint32_t b) {
+    const uint4* p = static_cast<const uint4*>(x) + 2 * static_cast<size_t>(b);
+    const uint4 a = __ldg(p), c = __ldg(p + 1);
+    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+    w[4] = c.x; w[5] = c.y; w[6] = c.z; w[7] = c.w;
+  }
+
+  __device__ __forceinline__ float value(int i) const;
+
+  // max |x| of the 16, NaN if any is NaN: HMNMX2.NAN on sign-cleared pairs.
+  // The two halves left are non-negative, so they compare as integers (NaN
+  // above Inf above every finite value), and the winner converts exactly.
+  __device__ __forceinline__ float abs_max() const {
+    using V2 = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
+    V2 m[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t a = w[k] & 0x7FFF7FFFu;
+      m[k] = *reinterpret_cast<const V2*>(&a);
+    }
+#pragma unroll
+    for (int s = 4; s > 0; s >>= 1)
+#pragma unroll
+      for (int k = 0; k < s; ++k) m[k] = __hmax2_nan(m[k], m[k + s]);
+    const uint32_t pair = *reinterpret_cast<const uint32_t*>(&m[0]);
+    return half_to_float(static_cast<uint16_t>(max(pair & 0xFFFFu, pair >> 16)));
+  }
+
+  // Signs of elements first .. first+7 (first = 0 or 8) at bits 4i + 3: the
+  // sign bytes (1 and 3) of words first/2 .. first/2 + 3, gathered and
+  // sign-replicated.
+  __device__ __forceinline__ uint32_t signs8(int first) const {
+    const uint32_t* v = w + first / 2;
+    const uint32_t a = prmt(v[0], v[1], 0x7531u), b = prmt(v[2], v[3], 0x7531u);
+    return sign_bits8(prmt(a, b, 0xECA8u), prmt(a, b, 0xFDB9u));
+  }
+
+  static __device__ __forceinline__ float half_to_float(uint16_t h);
+};
+
+template <>
+__device__ __forceinline__ float Block16<__nv_bfloat16_raw>::value(int i) const {
+  return __uint_as_float(i & 1 ? w[i / 2] & 0xFFFF0000u : w[i / 2] << 16);
+}
+template <>
+__device__ __forceinline__ float Block16<__nv_bfloat16_raw>::half_to_float(uint16_t h) {
+  return __uint_as_float(static_cast<uint32_t>(h) << 16);
+}
+template <>
+__device__ __forceinline__ float Block16<__half>::value(int i) const {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(i & 1 ? w[i / 2] >> 16 : w[i / 2] & 0xFFFFu)));
+}
+template <>
+__device__ __forceinline__ float Block16<__half>::half_to_float(uint16_t h) {
+  return __half2float(__ushort_as_half(h));
+}
+
+// float32 inputs: 16 words.
+struct BlockF32 {
+  uint32_t w[16];
+
+  __device__ __forceinline__ void load(const void* x, uint32_t b) {
+    const uint4* p = static_cast<const uint4*>(x) + 4 * static_cast<size_t>(b);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint4 a = __ldg(p + k);
+      w[4 * k] = a.x; w[4 * k + 1] = a.y; w[4 * k + 2] = a.z; w[4 * k + 3] = a.w;
+    }
+  }
+
+  __device__ __forceinline__ float value(int i) const { return __uint_as_float(w[i]); }
+
+  // Signs of elements first .. first+7 at bits 4i + 3: the top bytes of the
+  // even and of the odd elements, gathered and sign-replicated.
+  __device__ __forceinline__ uint32_t signs8(int first) const {
+    const uint32_t* v = w + first;
+    const uint32_t e = prmt(prmt(v[0], v[2], 0x73u), prmt(v[4], v[6], 0x73u), 0xDC98u);
+    const uint32_t o = prmt(prmt(v[1], v[3], 0x73u), prmt(v[5], v[7], 0x73u), 0xDC98u);
+    return sign_bits8(e, o);
+  }
+
+  // max |x| of the 16, NaN if any is NaN (PTX max.NaN: FMNMX.NAN).
+  __device__ __forceinline__ float abs_max() const {
+    float m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) asm("max.NaN.f32 %0, %0, %1;" : "+f"(m) : "f"(fabsf(value(i))));
+    return m;
+  }
+};
+
+template <typename T>
+struct BlockOf { using type = Block16<T>; };
+template <>
+struct BlockOf<float> { using type = BlockF32; };
+
+// ---- scale arithmetic on the hardware conversions (checked exhaustively
+// against format.h by benchmarks/kernel/quantize_driver.cu `check`) ----------
+
+// == e4m3_encode_satfinite(v) for every float v.
+__device__ __forceinline__ uint32_t e4m3_encode_hw(float v) {
+  return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+}
+
+// == e4m3_decode(b) for every byte b that is not NaN (0x7F, 0xFF give a NaN too).
+__device__ __forceinline__ float e4m3_decode_hw(uint32_t b) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3)));
+}
+
+// Codes of 8 elements (first .. first+7) of a block whose products x * os are
+// never NaN and keep the sign of x (os in [+0, FLT_MAX]), packed 4 bits each.
+// e2m1_magnitude_float's results are 0x4B000004 + code: shifted into place and
+// summed, the 0x4B000004s add up to a constant (mod 2^32) that the start value
+// cancels; the codes occupy disjoint nibbles, so the sum carries nothing. The
+// sign bits come from the inputs.
+constexpr uint32_t magnitude_pack_bias() {
+  uint32_t sum = 0;
+  for (int i = 0; i < 8; ++i) sum += 0x4B000004u << (4 * i);  // the bits of kE2M1Magic
+  return 0u - sum;
+}
+
+template <typename B>
+__device__ __forceinline__ uint32_t pack8_fast(const B& blk, int first, float os) {
+  uint32_t word = magnitude_pack_bias();
+#pragma unroll
+  for (int i = 0; i < 8; ++i) word += float_to_bits(e2m1_magnitude_float(__fmul_rn(blk.value(first + i), os))) << (4 * i);
+  return word | blk.signs8(first);
+}
+
+// The same codes for any block, by the spec's own e2m1_encode.
+template <typename B>
+__device__ __forceinline__ uint2 pack16_exact(const B& blk, float os) {
+  uint32_t word[2] = {0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) word[i / 8] |= e2m1_encode(__fmul_rn(blk.value(i), os)) << (4 * (i % 8));
+  return make_uint2(word[0], word[1]);
+}
+
+// Byte offset of scale (m, c) within one batch entry, 32-bit (sf_offset's
+// formulas with shifts; used while the whole scale array has < 2^32 bytes).
+template <SfLayout L>
+__device__ __forceinline__ uint32_t scale_offset32(uint32_t m, uint32_t c, uint32_t C, uint32_t cp) {
+  switch (L) {
+    case SfLayout::kSwizzled128x4:
+      return (m >> 7) * (cp << 7) + (c >> 2) * 512u + (m & 31u) * 16u + ((m >> 5) & 3u) * 4u + (c & 3u);
+    case SfLayout::kSwizzled8x4:
+      return (m >> 3) * (cp << 3) + (c >> 2) * 32u + (m & 7u) * 4u + (c & 3u);
+    default:
+      return m * C + c;
+  }
+}
+
+// Issues the loads of one loop trip: blocks base, base + nthreads, ...
+template <typename Blk>
+__device__ __forceinline__ void load_trip(const QuantizeParams& p, Blk (&blk)[kUnroll], uint32_t base,
+                                          uint32_t nthreads) {
+#pragma unroll
+  for (int j = 0; j < kUnroll; ++j) {
+    const uint32_t b = base + j * nthreads;
+    if (b < p.blocks) blk[j].load(p.x, b);
+  }
+}
+
+// kOneG: one g for every batch entry and scale rows that follow the rows of
+// the flattened batch (p.g_mode == 1, p.flat_rows, !p.wide_offsets): the
+// usual activation quantization, with no per-block batch arithmetic. When
+// each thread has several blocks (p.os_table), the output scale of every
+// scale byte is tabulated once per CTA: a shared-memory load per block instead
+// of a division (for one block per thread, small M, the table's set-up would
+// only add latency).
+template <typename T, SfLayout L, bool kOneG>
+__global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams p) {
+  static_assert(kThreads == 256, "the output-scale table has one entry per thread");
+  using Blk = typename BlockOf<T>::type;
+  const uint32_t nthreads = gridDim.x * blockDim.x;
+  const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
+
+  // gs = 1/g and the 1/gs of block_output_scale, per batch entry (computed
+  // once per entry a thread meets). One g for everything is requested before
+  // the data and divided after the data loads are issued, so that the two
+  // loads' latencies overlap instead of adding up (small M is latency-bound).
+  const float g_all = kOneG ? __ldg(p.g) : 0.0f;
+  Blk blk[kUnroll];
+  load_trip(p, blk, tid, nthreads);
+  float gs = 0.0f, inv_gs = 0.0f;
+  if (kOneG) {
+    gs = 1.0f / g_all;
+    inv_gs = 1.0f / gs;
+  }
+  int64_t cached_e = -1;
+  __shared__ float os_of_sf[256];
+  const bool table = kOneG && p.os_table;
+  if (table) {
+    os_of_sf[threadIdx.x] = block_output_scale(static_cast<uint8_t>(threadIdx.x), gs);
+    __syncthreads();
+  }
+
+  for (uint32_t base = tid; base < p.blocks; base += nthreads * kUnroll) {
+    if (base != tid) load_trip(p, blk, base, nthreads);  // the first trip's loads are issued above
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const uint32_t b = base + j * nthreads;
+      if (b >= p.blocks) break;
+      const uint32_t r = p.cols.div(b), c = b - r * p.cols.d;  // row of the flattened batch, block column
+      size_t off;  // of the scale byte
+      if (kOneG) {
+        off = scale_offset32<L>(r, c, p.c_cols, p.c_padded);
+      } else {
+        const uint32_t e = p.rows_per_batch.div(r), m = r - e * p.rows_per_batch.d;  // batch entry, its row
+        if (static_cast<int64_t>(e) != cached_e) {
+          cached_e = e;
+          gs = 1.0f / __ldg(p.g + (p.g_mode == 1 ? 0 : p.g_mode == 0 ? static_cast<int64_t>(e) : p.map.b_index(e)));
+          inv_gs = 1.0f / gs;
+        }
+        if (p.wide_offsets) {
+          off = static_cast<size_t>(e) * p.scale_stride + sf_offset(L, m, c, p.c_cols);
+        } else {
+          off = e * static_cast<uint32_t>(p.scale_stride) + scale_offset32<L>(m, c, p.c_cols, p.c_padded);
+        }
+      }
+
+      // block_scale and block_output_scale of format.h, operation for operation.
+      const float vmax = blk[j].abs_max();
+      const uint32_t sf = e4m3_encode_hw(gs * (vmax * recip6()));
+      const float os = table ? os_of_sf[sf] : sf == 0 ? 0.0f : __frcp_rn(e4m3_decode_hw(sf) * inv_gs);
+      const bool finite = max(float_to_bits(vmax), float_to_bits(os)) < 0x7F800000u;  // both in [+0, FLT_MAX]
+      p.data[b] = finite ? make_uint2(pack8_fast(blk[j], 0, os), pack8_fast(blk[j], 8, os))
+                         : pack16_exact(blk[j], os);
+      p.scales[off] = static_cast<uint8_t>(sf);
+    }
+  }
+
+  // Padding of swizzled layouts: whole 4-column words of rows M..Rp-1, then the
+  // bytes of columns C..Cp-1 of rows 0..M-1 (bytes beside valid scales that
+  // other threads write; byte stores never touch their neighbours).
+  if (L == SfLayout::kLinear) return;
+  const int64_t per_batch = p.pad_words + p.pad_bytes;
+  if (per_batch == 0) return;
+  const int64_t total = per_batch * p.batch;
+  const int64_t cp = p.c_padded, groups = cp / 4;
+  auto pad = [&](auto i) {  // i: int64_t, or uint32_t when everything fits (no 64-bit division)
+    using I = decltype(i);
+    const I b = i / static_cast<I>(per_batch), k = i - b * static_cast<I>(per_batch);
+    uint8_t* s = p.scales + static_cast<int64_t>(b) * p.scale_stride;
+    if (k < static_cast<I>(p.pad_words)) {
+      const int64_t m = p.m_rows + k / static_cast<I>(groups), c = (k % static_cast<I>(groups)) * 4;
+      *reinterpret_cast<uint32_t*>(s + sf_offset(L, m, c, p.c_cols)) = 0u;
+    } else {
+      const I k2 = k - static_cast<I>(p.pad_words), extra = static_cast<I>(cp - p.c_cols);
+      const int64_t m = k2 / extra, c = p.c_cols + k2 % extra;
+      s[sf_offset(L, m, c, p.c_cols)] = 0;
+    }
+  };
+  if (total < (int64_t{1} << 31)) {
+    for (uint32_t i = tid; i < static_cast<uint32_t>(total); i += nthreads) pad(i);
+  } else {
+    for (int64_t i = tid; i < total; i += nthreads) pad(i);
+  }
+}
+
+// Launch 1 of dynamic quantization: g[b] = finite amax of batch entry b / 2688
+// (1 when 0). Must be launched cooperatively (grid.sync).
+template <typename T>
+__global__ void __launch_bounds__(kAmaxThreads) amax_kernel(const void* x, float* g, int64_t batch,
+                                                            int64_t units_per_batch, int32_t parts) {
+  cg::grid_group grid = cg::this_grid();
+  unsigned int* gbits = reinterpret_cast<unsigned int*>(g);
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t gthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = gtid; b < batch; b += gthreads) gbits[b] = 0u;
+  grid.sync();
+
+  __shared__ float warp_max[kAmaxThreads / 32];
+  const int64_t tasks = batch * parts;
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {  // block-uniform
+    const int64_t b = task / parts, part = task % parts;
+    const int64_t stride = static_cast<int64_t>(parts) * blockDim.x;
+    float m = 0.0f;
+    for (int64_t u0 = part * blockDim.x + threadIdx.x; u0 < units_per_batch; u0 += stride * kAmaxUnroll) {
+      float v[kAmaxUnroll][8];
+#pragma unroll
+      for (int j = 0; j < kAmaxUnroll; ++j) {
+        const int64_t u = u0 + j * stride;
+        if (u < units_per_batch) {
+          Load8<T>::run(x, (b * units_per_batch + u) * 8, v[j]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[j][i] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kAmaxUnroll; ++j) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float a = fabsf(v[j][i]);
+          if (a <= 3.402823466e38f) m = fmaxf(m, a);  // finite only: NaN and Inf fail
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      m = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0.0f;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+      if (threadIdx.x == 0 && m > 0.0f) atomicMax(gbits + b, __float_as_uint(m));
+    }
+    __syncthreads();  // warp_max is reused by the next task
+  }
+  grid.sync();
+
+  for (int64_t b = gtid; b < batch; b += gthreads) {
+    const float amax = __uint_as_float(__ldcg(gbits + b));
+    g[b] = amax == 0.0f ? 1.0f : amax / 2688.0f;
+  }
+}
+
+}  // namespace
+}  // namespace jaxfp4
