@@ -9,7 +9,7 @@
 # process made no progress in 5 minutes on the device machine (H200, CUDA 13),
 # with or without CUDA graphs and kernel filters. Each step has a time limit
 # so that one slow step cannot eat the others. Logs go to ${OUT:-.out}/.
-#   bash scripts/gpu_check.sh [--full-bench|--no-bench]
+#   bash scripts/gpu_check.sh [--full-bench|--no-bench]   (a prebuilt jaxfp4/_jaxfp4*.so skips the build)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.out}; mkdir -p "$OUT"
@@ -18,8 +18,17 @@ PY=${PYTHON:-python3}
 step() { echo; echo "=== $* ($(date +%T)) ==="; }
 
 step build
-$PY -m pip install -q --no-build-isolation --no-deps -e . \
-  -Ccmake.define.JAXFP4_CUDA_GENCODE="-gencode=arch=compute_90a,code=sm_90a" 2>&1 | tail -3
+# A prebuilt extension in jaxfp4/ (built elsewhere against the oldest supported
+# jaxlib and copied in) is used as it is: on the project's device machine
+# (2026-11) `pip install --no-build-isolation` failed with "Cannot import
+# 'scikit_build_core.build'", while a carried .so with PYTHONPATH worked.
+if ls jaxfp4/_jaxfp4*.so >/dev/null 2>&1; then
+  echo "using the prebuilt $(ls jaxfp4/_jaxfp4*.so)"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  $PY -m pip install -q --no-build-isolation --no-deps -e . \
+    -Ccmake.define.JAXFP4_CUDA_GENCODE="-gencode=arch=compute_90a,code=sm_90a" 2>&1 | tail -3
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $PY -c "import jax, jaxfp4; print(jax.devices()); print(jaxfp4.backend_info())"
 
