@@ -188,26 +188,19 @@ __global__ void __launch_bounds__(Cfg<NT>::kMaxWarps * 32, 1)
   };
 
   float acc[kTPW][NT][4];
-#pragma unroll
-  for (int tp = 0; tp < kTPW; ++tp)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[tp][nt][j] = 0.0f;
+  zero_acc(acc);
 
   auto compute = [&](const St& st, const At& at) { mma_chunk<T, NT, false, A4>(acc, st, at); };
 
   // ---- epilogue of one group: reduce the warps' K slices (fixed order), scale, store ----
-  float alpha = p.b_g[ib] * 128.0f;
-  if constexpr (A4) alpha = (p.a_g[pro.ia] * p.b_g[ib]) * 16384.0f;
+  const float alpha = epilogue_alpha<A4>(p, pro.ia, ib);
   const int64_t out_base = z * static_cast<int64_t>(p.M) * p.N;
   constexpr int F = kTPW * NT * 4 * 32;  // floats of one warp's partial sums
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* const red = reinterpret_cast<float*>(smem_raw);  // [nwarps][F] (when nwarps > 1)
 
   auto store = [&](int tile0, int tp, int nt, int j, int ln, float v) {
-    store_out(p, out_base, alpha, (tile0 + tp) * 16 + (ln >> 2) + 8 * (j >> 1), m0 + 8 * nt + 2 * (ln & 3) + (j & 1),
-              v);
+    store_frag(p, out_base, alpha, tile0, m0, tp, nt, j, ln, v);
   };
 
   auto finish_group = [&](int jg) {  // jg: the group's index relative to g_begin
@@ -220,12 +213,7 @@ __global__ void __launch_bounds__(Cfg<NT>::kMaxWarps * 32, 1)
 #pragma unroll
           for (int j = 0; j < 4; ++j) store(tile0, tp, nt, j, lane, acc[tp][nt][j]);
     } else {
-#pragma unroll
-      for (int tp = 0; tp < kTPW; ++tp)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) red[warp * F + ((tp * NT + nt) * 4 + j) * 32 + lane] = acc[tp][nt][j];
+      stash_acc(red + warp * F, acc, lane);
       __syncthreads();
       for (int idx = threadIdx.x; idx < F; idx += blockDim.x) {
         float v = red[idx];
@@ -235,12 +223,7 @@ __global__ void __launch_bounds__(Cfg<NT>::kMaxWarps * 32, 1)
       }
       __syncthreads();
     }
-#pragma unroll
-    for (int tp = 0; tp < kTPW; ++tp)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[tp][nt][j] = 0.0f;
+    zero_acc(acc);
   };
 
   if (ngroups <= 0) return;  // uniform over the CTA

@@ -66,12 +66,6 @@ __device__ __forceinline__ uint2 ld_stream8_pred(const void* p, bool pred) {
   return v;
 }
 
-__device__ __forceinline__ uint32_t ld_stream_u16(const void* p) {
-  uint16_t v;
-  asm volatile("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ uint32_t ld_u8(const void* p) {
   uint16_t v;
   asm volatile("ld.global.nc.u8 %0, [%1];" : "=h"(v) : "l"(p));
@@ -380,6 +374,45 @@ __device__ __forceinline__ void store_out(const Params& p, int64_t out_base, flo
       static_cast<float*>(p.out)[o] = v;
     }
   }
+}
+
+// ---- a warp's accumulators: kTPW weight tiles x NT token tiles of mma C fragments ----
+
+template <int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[kTPW][NT][4]) {
+#pragma unroll
+  for (int tp = 0; tp < kTPW; ++tp)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[tp][nt][j] = 0.0f;
+}
+
+// The epilogue's factor: 2^7 g_b, W4A4 2^14 g_a g_b (both operands dequantized
+// times 2^-7, gemm_small_m.cu's header).
+template <bool A4>
+__device__ __forceinline__ float epilogue_alpha(const Params& p, int64_t ia, int64_t ib) {
+  if constexpr (A4) return (p.a_g[ia] * p.b_g[ib]) * 16384.0f;
+  return p.b_g[ib] * 128.0f;
+}
+
+// A warp's row of a reduction buffer: element ((tp * NT + nt) * 4 + j) * 32 + lane.
+template <int NT>
+__device__ __forceinline__ void stash_acc(float* row, const float (&acc)[kTPW][NT][4], int lane) {
+#pragma unroll
+  for (int tp = 0; tp < kTPW; ++tp)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) row[((tp * NT + nt) * 4 + j) * 32 + lane] = acc[tp][nt][j];
+}
+
+// Stores element j of lane ln's fragment of weight tile tile0 + tp and token
+// tile nt (the mma C layout: rows ln/4 and ln/4 + 8, tokens 2 (ln%4) and +1).
+__device__ __forceinline__ void store_frag(const Params& p, int64_t out_base, float alpha, int tile0, int m0, int tp,
+                                           int nt, int j, int ln, float v) {
+  store_out(p, out_base, alpha, (tile0 + tp) * 16 + (ln >> 2) + 8 * (j >> 1), m0 + 8 * nt + 2 * (ln & 3) + (j & 1),
+            v);
 }
 
 // What both kernels derive from the launch first: the batch entries, the

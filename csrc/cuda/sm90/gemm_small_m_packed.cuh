@@ -171,15 +171,8 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
 
   // ---- consumers ---------------------------------------------------------------------
   float acc[kTPW][NT][4];
-#pragma unroll
-  for (int tp = 0; tp < kTPW; ++tp)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[tp][nt][j] = 0.0f;
-
-  float alpha = p.b_g[pro.ib] * 128.0f;
-  if constexpr (A4) alpha = (p.a_g[pro.ia] * p.b_g[pro.ib]) * 16384.0f;
+  zero_acc(acc);
+  const float alpha = epilogue_alpha<A4>(p, pro.ia, pro.ib);
   const int64_t out_base = pro.z * static_cast<int64_t>(p.M) * p.N;
   const int64_t item_act = static_cast<int64_t>(nc) * kCpi * (A4 ? kChunk / 2 : kChunk * 2);  // bytes per item
   const int64_t item_asf = static_cast<int64_t>(nc) * kCpi * p.a_sf_cstride;
@@ -246,15 +239,8 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     // consumer has passed the next group's barrier and so finished reading it.
     float* const rb = red + (Cfg::kRedBufs == 2 ? (grp & 1) * nc * F : 0);
     const int tile0 = (g_begin + grp) * kTPW;
-#pragma unroll
-    for (int tp = 0; tp < kTPW; ++tp)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          rb[warp * F + ((tp * NT + nt) * 4 + j) * 32 + lane] = acc[tp][nt][j];
-          acc[tp][nt][j] = 0.0f;
-        }
+    stash_acc(rb + warp * F, acc, lane);
+    zero_acc(acc);
     consumers_sync(nc);
     for (int idx = threadIdx.x; idx < F; idx += nc * 32) {
       float v[Cfg::kWarps];
@@ -265,8 +251,7 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
 #pragma unroll
         for (int w = 0; w + h < Cfg::kWarps; w += 2 * h) v[w] += v[w + h];
       const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
-      store_out(p, out_base, alpha, (tile0 + tp) * 16 + (ln >> 2) + 8 * (j >> 1),
-                pro.m0 + 8 * nt + 2 * (ln & 3) + (j & 1), v[0]);
+      store_frag(p, out_base, alpha, tile0, pro.m0, tp, nt, j, ln, v[0]);
     }
     if constexpr (Cfg::kRedBufs == 1) consumers_sync(nc);  // the buffer is read before it is rewritten
   }
