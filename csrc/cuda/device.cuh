@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstddef>
 
 namespace jaxfp4 {
 
@@ -39,5 +40,23 @@ inline int sm_count(int dev) {
 }
 
 inline int sm_count() { return sm_count(current_device()); }
+
+// CTAs of `kernel` (a __global__ function) one SM of `dev` holds at `threads`
+// threads and `smem` bytes of dynamic shared memory, cached in `cache` (one
+// cache per kernel and configuration, an entry per device); 0 if the query
+// fails (the error is cleared: the launch reports real failures).
+inline int resident_ctas(const void* kernel, int threads, size_t smem, std::atomic<int> (&cache)[kMaxDevices],
+                         int dev) {
+  std::atomic<int>& cached = cache[device_slot(dev)];
+  int n = cached.load(std::memory_order_relaxed);
+  if (n <= 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess || n <= 0) {
+      cudaGetLastError();
+      return 0;
+    }
+    cached.store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
 
 }  // namespace jaxfp4

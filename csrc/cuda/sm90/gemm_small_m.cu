@@ -323,21 +323,6 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes, std::atomic<bool>* done) {
   return cudaSuccess;
 }
 
-// CTAs of `kernel` one SM holds at `threads` threads and `smem` bytes (cached per warp count).
-template <typename Kernel>
-int ctas_per_sm(Kernel kernel, int threads, size_t smem, std::atomic<int>* cache) {
-  const int w = threads / 32;
-  int n = cache[w].load(std::memory_order_relaxed);
-  if (n <= 0) {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess || n <= 0) {
-      cudaGetLastError();
-      n = 1;
-    }
-    cache[w].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
 // Packed weights: `nc` consumer warps split K item by item (plus the producer
 // warp); a persistent grid of about one wave walks the tile groups.
 template <typename T, int NT, bool A4>
@@ -366,8 +351,11 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   auto kernel = gemm_packed_kernel<T, NT, A4>;
   static std::atomic<bool> smem_set[kMaxDevices];
   if (cudaError_t e = allow_smem(kernel, packed_smem_bytes<NT>(PkCfg<NT>::kWarps), smem_set); e != cudaSuccess) return e;
-  static std::atomic<int> occ[PkCfg<NT>::kWarps + 2];  // by warp count (consumers + producer)
-  const int64_t slots = static_cast<int64_t>(sm_count()) * ctas_per_sm(kernel, threads, smem, occ);
+  static std::atomic<int> occupancy[PkCfg<NT>::kWarps + 2][kMaxDevices];  // by warp count (consumers + producer)
+  const int dev = current_device();
+  const int64_t slots = static_cast<int64_t>(sm_count(dev)) *
+                        std::max(1, resident_ctas(reinterpret_cast<const void*>(kernel), threads, smem,
+                                                  occupancy[threads / 32], dev));
   const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(groups, slots / (mtiles * L.batch)));
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
   kernel<<<grid, threads, smem, stream>>>(p);
@@ -399,8 +387,11 @@ cudaError_t launch_t(Launch L, cudaStream_t stream, const char** name) {
     static std::atomic<bool> smem_set[kMaxDevices];
     if (cudaError_t e = allow_smem(kernel, smem_bytes(Cfg<NT>::kMaxWarps), smem_set); e != cudaSuccess)
       return e;
-    static std::atomic<int> occ[Cfg<NT>::kMaxWarps + 1];
-    const int64_t slots = static_cast<int64_t>(sm_count()) * ctas_per_sm(kernel, threads, smem, occ);
+    static std::atomic<int> occupancy[Cfg<NT>::kMaxWarps + 1][kMaxDevices];  // by warp count
+    const int dev = current_device();
+    const int64_t slots = static_cast<int64_t>(sm_count(dev)) *
+                          std::max(1, resident_ctas(reinterpret_cast<const void*>(kernel), threads, smem,
+                                                    occupancy[threads / 32], dev));
     const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(groups, slots / (mtiles * L.batch)));
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
     kernel<<<grid, threads, smem, stream>>>(p);

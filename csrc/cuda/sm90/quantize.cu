@@ -63,25 +63,6 @@ namespace ffi = xla::ffi;
 namespace jaxfp4 {
 namespace {
 
-// Resident blocks per SM, per kernel (18 quantize: 3 input types x 3 layouts x
-// one g or not, then 3 amax) and device; 0 = not yet asked.
-constexpr int kAmaxSlot = 18;
-std::atomic<int> g_blocks_per_sm[21][kMaxDevices];
-
-// cudaOccupancyMaxActiveBlocksPerMultiprocessor, cached (a host query: no sync).
-int blocks_per_sm(int kernel_slot, const void* kernel, int threads, int dev) {
-  std::atomic<int>& cached = g_blocks_per_sm[kernel_slot][device_slot(dev)];
-  int n = cached.load(std::memory_order_relaxed);
-  if (n <= 0) {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n <= 0) {
-      cudaGetLastError();  // clear it; the launch below reports real failures
-      return 0;
-    }
-    cached.store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
 enum InputType { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 bool input_type(ffi::DataType t, InputType* out) {
@@ -177,11 +158,12 @@ ffi::Error prepare(const char* who, ffi::AnyBuffer x, const int64_t* g_dims, int
 }
 
 template <typename T, SfLayout L, bool kOneG>
-ffi::Error launch_quantize_as(cudaStream_t stream, int kernel_slot, const QuantizeParams& p) {
+ffi::Error launch_quantize_as(cudaStream_t stream, const QuantizeParams& p) {
   const int64_t pad = (p.pad_words + p.pad_bytes) * p.batch;
   if (p.blocks == 0 && pad == 0) return ffi::Error::Success();
   const int dev = current_device();
-  int per_sm = blocks_per_sm(kernel_slot, reinterpret_cast<const void*>(quantize_kernel<T, L, kOneG>), kThreads, dev);
+  static std::atomic<int> occupancy[kMaxDevices];
+  int per_sm = resident_ctas(reinterpret_cast<const void*>(quantize_kernel<T, L, kOneG>), kThreads, 0, occupancy, dev);
   per_sm = per_sm <= 0 ? 2 : std::min(per_sm, kMaxBlocksPerSm);
   const int64_t cap = static_cast<int64_t>(sm_count(dev)) * per_sm;
   // Up to one scale block per thread (small M: all loads at once), then the
@@ -197,36 +179,35 @@ ffi::Error launch_quantize_as(cudaStream_t stream, int kernel_slot, const Quanti
 }
 
 template <typename T, SfLayout L>
-ffi::Error launch_quantize_g(cudaStream_t stream, int kernel_slot, const QuantizeParams& p) {
-  return p.g_mode == 1 && p.flat_rows && !p.wide_offsets
-             ? launch_quantize_as<T, L, true>(stream, 2 * kernel_slot, p)
-             : launch_quantize_as<T, L, false>(stream, 2 * kernel_slot + 1, p);
+ffi::Error launch_quantize_g(cudaStream_t stream, const QuantizeParams& p) {
+  return p.g_mode == 1 && p.flat_rows && !p.wide_offsets ? launch_quantize_as<T, L, true>(stream, p)
+                                                         : launch_quantize_as<T, L, false>(stream, p);
 }
 
 template <typename T>
-ffi::Error launch_quantize_layout(cudaStream_t stream, int type_index, int32_t sf_layout, const QuantizeParams& p) {
-  const int slot = 3 * type_index + sf_layout;
+ffi::Error launch_quantize_layout(cudaStream_t stream, int32_t sf_layout, const QuantizeParams& p) {
   switch (static_cast<SfLayout>(sf_layout)) {
-    case SfLayout::kSwizzled128x4: return launch_quantize_g<T, SfLayout::kSwizzled128x4>(stream, slot, p);
-    case SfLayout::kSwizzled8x4: return launch_quantize_g<T, SfLayout::kSwizzled8x4>(stream, slot, p);
-    default: return launch_quantize_g<T, SfLayout::kLinear>(stream, slot, p);
+    case SfLayout::kSwizzled128x4: return launch_quantize_g<T, SfLayout::kSwizzled128x4>(stream, p);
+    case SfLayout::kSwizzled8x4: return launch_quantize_g<T, SfLayout::kSwizzled8x4>(stream, p);
+    default: return launch_quantize_g<T, SfLayout::kLinear>(stream, p);
   }
 }
 
 ffi::Error launch_quantize(cudaStream_t stream, InputType type, int32_t sf_layout, const QuantizeParams& p) {
   switch (type) {
-    case kF32: return launch_quantize_layout<float>(stream, kF32, sf_layout, p);
-    case kBF16: return launch_quantize_layout<__nv_bfloat16_raw>(stream, kBF16, sf_layout, p);
-    default: return launch_quantize_layout<__half>(stream, kF16, sf_layout, p);
+    case kF32: return launch_quantize_layout<float>(stream, sf_layout, p);
+    case kBF16: return launch_quantize_layout<__nv_bfloat16_raw>(stream, sf_layout, p);
+    default: return launch_quantize_layout<__half>(stream, sf_layout, p);
   }
 }
 
 template <typename T>
-ffi::Error launch_amax(cudaStream_t stream, int type_index, const void* x, float* g, int64_t batch,
+ffi::Error launch_amax(cudaStream_t stream, const void* x, float* g, int64_t batch,
                        int64_t units_per_batch) {
   const int dev = current_device();
   // A cooperative grid must be co-resident: never more than occupancy allows.
-  const int per_sm = blocks_per_sm(kAmaxSlot + type_index, reinterpret_cast<const void*>(amax_kernel<T>), kAmaxThreads, dev);
+  static std::atomic<int> occupancy[kMaxDevices];
+  const int per_sm = resident_ctas(reinterpret_cast<const void*>(amax_kernel<T>), kAmaxThreads, 0, occupancy, dev);
   if (per_sm <= 0) return ffi::Error::Internal("jaxfp4 quantize_dynamic: occupancy query failed");
   const int64_t resident = static_cast<int64_t>(sm_count(dev)) * per_sm;
   const int64_t per_block = static_cast<int64_t>(kAmaxThreads) * kAmaxUnroll;  // units one block pass covers
@@ -288,9 +269,9 @@ ffi::Error QuantizeDynamicImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Resul
   const int64_t units_per_batch = 2 * static_cast<int64_t>(p.blocks) / p.batch;  // 8-element units
   ffi::Error err = ffi::Error::Success();
   switch (type) {
-    case kF32: err = launch_amax<float>(stream, 0, p.x, gp, p.batch, units_per_batch); break;
-    case kBF16: err = launch_amax<__nv_bfloat16_raw>(stream, 1, p.x, gp, p.batch, units_per_batch); break;
-    case kF16: err = launch_amax<__half>(stream, 2, p.x, gp, p.batch, units_per_batch); break;
+    case kF32: err = launch_amax<float>(stream, p.x, gp, p.batch, units_per_batch); break;
+    case kBF16: err = launch_amax<__nv_bfloat16_raw>(stream, p.x, gp, p.batch, units_per_batch); break;
+    case kF16: err = launch_amax<__half>(stream, p.x, gp, p.batch, units_per_batch); break;
   }
   if (err.failure()) return err;
   return launch_quantize(stream, type, sf_layout, p);
