@@ -6,6 +6,8 @@
 //     -I csrc/include -I "$(python3 -c 'import jax.ffi as f; print(f.include_dir())')" \
 //     benchmarks/kernel/gemm_small_m_driver.cu -o /tmp/driver
 //   /tmp/driver check          /tmp/driver bench [quick]
+//   /tmp/driver prefetch       (experiment: the GEMM after a 10 us idle gap in
+//                               which its weight was or was not prefetched into L2)
 // Tool for kernel work (one kernel, no JAX in the loop); benchmarks/gemm.py is
 // the project's benchmark of record.
 #include "../../csrc/cuda/sm90/gemm_small_m.cu"
@@ -287,7 +289,23 @@ static int check_all(bool quick) {
   cases.push_back({3, 200, 272, 0, false, 0, 0, kOutF32, 1, 3});
   cases.push_back({9, 200, 272, 2, true, 1, 2, kOutBF16, 3, 3});
   cases.push_back({9, 200, 272, 1, false, 1, 2, kOutF16, 2, 1});
+  // K whose chunk runs fill few warps exactly (11008: 86 runs of 2 chunks, 15
+  // consumers and a ragged last item; 18944: 148 runs), W4A16 and W4A4 packed
+  cases.push_back({1, 40, 11008, 0, true, 0, 0, kOutF32, 1, 1});
+  cases.push_back({16, 40, 11008, 0, true, 1, 0, kOutF32, 1, 1});
+  cases.push_back({5, 24, 18944, 2, true, 0, 2, kOutF32, 1, 1});
   if (quick) cases.resize(8);
+  // Consumer warps per group (runs of chunks -> warps): fewest items, then fewest warps.
+  const int64_t nc_table[][3] = {{32, 16, 16}, {64, 16, 16}, {112, 16, 16}, {86, 16, 15}, {148, 16, 15},
+                                 {43, 16, 15}, {24, 16, 12}, {8, 16, 8}, {1, 16, 1}, {17, 16, 9}};
+  for (const auto& r : nc_table) {
+    if (packed_consumers(r[0], r[1]) != r[2]) {
+      printf("FAIL packed_consumers(%lld, %lld) = %lld, want %lld\n", static_cast<long long>(r[0]),
+             static_cast<long long>(r[1]), static_cast<long long>(packed_consumers(r[0], r[1])),
+             static_cast<long long>(r[2]));
+      ++fails;
+    }
+  }
   for (const Case& c : cases) fails += !run_case(c, true);
   printf("check: %d failures of %zu\n", fails, cases.size());
   return fails;
@@ -481,6 +499,110 @@ static void bench(bool quick) {
   for (auto& l : table) printf("%s\n", l.c_str());
 }
 
+
+// ---- L2 prefetch experiment (decode: weights prefetched into L2 during the
+// small kernels between GEMMs, when DRAM is idle) ----
+// Block b prefetches the first `frac` of the byte range that the GEMM's CTA b
+// reads first (its groups: contiguous codes, contiguous scales).
+__global__ void l2_prefetch_ranges(const uint8_t* w, const uint8_t* s, int64_t groups, int ctas, int64_t gw,
+                                   int64_t gs, float frac) {
+  const int64_t g0 = blockIdx.x * groups / ctas, g1 = (blockIdx.x + 1) * groups / ctas;
+  const int64_t piece = 8192;
+  for (int part = 0; part < 2; ++part) {
+    const uint8_t* base = (part == 0 ? w : s) + g0 * (part == 0 ? gw : gs);
+    const int64_t len = static_cast<int64_t>((g1 - g0) * (part == 0 ? gw : gs) * frac) / 16 * 16;
+    for (int64_t off = threadIdx.x * piece; off < len; off += blockDim.x * piece) {
+      const uint32_t n = static_cast<uint32_t>((piece < len - off ? piece : len - off));
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + off), "r"(n) : "memory");
+    }
+  }
+}
+// Busy for about `cycles` without touching memory (the decode's small kernels).
+__global__ void spin_kernel(int64_t cycles) {
+  const int64_t t0 = clock64();
+  while (clock64() - t0 < cycles) {
+  }
+}
+
+// DRV_SHAPES / DRV_MS as bench; per shape: GEMM time (events around the GEMM
+// alone) after a 10 us spin, with the weight's first frac prefetched before the spin.
+static void prefetch_exp() {
+  const std::vector<int> sv = env_ints("DRV_SHAPES", {4096, 4096, 6144, 4096, 28672, 4096, 4096, 14336});
+  const std::vector<int> Ms = env_ints("DRV_MS", {1, 16});
+  const std::vector<int> fr = env_ints("DRV_FRACS", {0, 25, 50, 100});
+  const int spin_us = env_ints("DRV_SPIN_US", {10})[0];
+  int clk_khz = 0;
+  CK(cudaDeviceGetAttribute(&clk_khz, cudaDevAttrClockRate, 0));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  printf("\n%-12s %4s %6s %9s\n", "shape", "M", "pf%", "gemm_us");
+  for (size_t si = 0; si + 1 < sv.size(); si += 2) {
+    const int N = sv[si], K = sv[si + 1], C = K / 16;
+    const int T = (N + 15) / 16, Kp = (K + 63) / 64 * 64;
+    const size_t wbytes = static_cast<size_t>(T) * 8 * Kp, sbytes = static_cast<size_t>(T) * Kp;
+    const int copies = std::max<int>(3, static_cast<int>((400ull << 20) / (wbytes + sbytes)) + 1);
+    std::vector<uint8_t*> W(copies), S(copies);
+    for (int c = 0; c < copies; ++c) {
+      CK(cudaMalloc(&W[c], wbytes));
+      CK(cudaMalloc(&S[c], sbytes));
+      fill_kernel<<<1024, 256>>>(W[c], wbytes, 77 + c, 0);
+      fill_kernel<<<1024, 256>>>(S[c], sbytes, 99 + c, 1);
+    }
+    uint16_t* A;
+    CK(cudaMalloc(&A, static_cast<size_t>(32) * K * 2));
+    fill_bf16<<<256, 256>>>(A, static_cast<size_t>(32) * K, 5);
+    float* dg;
+    CK(cudaMalloc(&dg, 4));
+    const float one = 1.0f / 64;
+    CK(cudaMemcpy(dg, &one, 4, cudaMemcpyHostToDevice));
+    void* out;
+    CK(cudaMalloc(&out, static_cast<size_t>(32) * N * 4));
+    const int64_t groups = (T + 1) / 2;
+    const int ctas = static_cast<int>(std::min<int64_t>(groups, jaxfp4::sm_count()));
+    for (int M : Ms)
+      for (int f : fr) {
+        Launch L;
+        L.p.a = A;
+        L.p.b_g = dg;
+        L.p.out = out;
+        L.p.out_type = kOutBF16;
+        L.p.b_sf_layout = 0;
+        L.p.b_sf_cstride = 4;
+        const int64_t d1[1] = {1};
+        make_batch_map(d1, d1, 0, &L.p.map);
+        L.batch = 1;
+        L.packed = true;
+        double total = 0;
+        const int iters = 3 * copies + 30;
+        for (int i = 0; i < iters; ++i) {
+          const int c = i % copies;
+          if (f > 0)
+            l2_prefetch_ranges<<<ctas, 32>>>(W[c], S[c], groups, ctas, 2LL * 8 * Kp, 2LL * Kp, f / 100.0f);
+          spin_kernel<<<132, 32>>>(static_cast<int64_t>(spin_us) * clk_khz / 1000);
+          L.p.b = W[c];
+          L.p.b_sf = S[c];
+          CK(cudaEventRecord(e0));
+          if (finish(L, M, N, K, 0).failure()) exit(1);
+          CK(cudaEventRecord(e1));
+          CK(cudaEventSynchronize(e1));
+          float ms;
+          CK(cudaEventElapsedTime(&ms, e0, e1));
+          if (i >= copies) total += ms;
+        }
+        printf("%5dx%-6d %4d %5d%% %9.2f\n", N, K, M, f, 1000 * total / (iters - copies));
+      }
+    for (int c = 0; c < copies; ++c) {
+      cudaFree(W[c]);
+      cudaFree(S[c]);
+    }
+    cudaFree(A);
+    cudaFree(dg);
+    cudaFree(out);
+    (void)C;
+  }
+}
+
 // One configuration, a few launches (for ncu): one N K M kind(0 packed, 1 plain)
 static void one(int N, int K, int M, int kind) {
   const int C = K / 16, T = (N + 15) / 16, Kp = (K + 63) / 64 * 64;
@@ -532,5 +654,6 @@ int main(int argc, char** argv) {
   int rc = 0;
   if (mode == "check" || mode == "all") rc |= check_all(quick);
   if (mode == "bench" || mode == "all") bench(quick);
+  if (mode == "prefetch") prefetch_exp();
   return rc;
 }

@@ -323,6 +323,17 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes, std::atomic<bool>* done) {
   return cudaSuccess;
 }
 
+// Consumer warps for a group of `runs` kCpi-chunk runs (a warp takes one run
+// per ring item): the fewest items per group (a group takes `items` item times
+// whatever the warp count), then, among the counts that reach it, the fewest
+// warps (the last item leaves the fewest idle). Fullest items alone is wrong:
+// 86 runs (K = 11008) fill 2 warps exactly, and 2 warps take 43 items.
+inline int64_t packed_consumers(int64_t runs, int64_t max_warps) {
+  const int64_t w_max = std::max<int64_t>(1, std::min(max_warps, runs));
+  const int64_t items = (runs + w_max - 1) / w_max;
+  return (runs + items - 1) / items;  // the fewest warps with that many items
+}
+
 // Packed weights: `nc` consumer warps split K item by item (plus the producer
 // warp); a persistent grid of about one wave walks the tile groups.
 template <typename T, int NT, bool A4>
@@ -332,18 +343,8 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
   const int64_t mtiles = (static_cast<int64_t>(p.M) + 8 * NT - 1) / (8 * NT);
   if (groups > 0x7FFFFFFF || mtiles > 65535 || L.batch > 65535) return cudaErrorInvalidConfiguration;
-  // Consumer warps: the count whose items are fullest (the last item of a
-  // group may leave warps idle), the larger on a tie.
   const int64_t runs = (std::max<int32_t>(p.chunks, 1) + kCpi - 1) / kCpi;  // kCpi-chunk runs per group
-  int64_t nc = 1;
-  double best = 0.0;
-  for (int64_t w = 1; w <= std::min<int64_t>(PkCfg<NT>::kWarps, runs); ++w) {
-    const double fill = static_cast<double>(runs) / (((runs + w - 1) / w) * w);
-    if (fill >= best) {
-      best = fill;
-      nc = w;
-    }
-  }
+  const int64_t nc = packed_consumers(runs, PkCfg<NT>::kWarps);
   p.chunks_per_warp = kCpi;
   p.items = static_cast<int32_t>((runs + nc - 1) / nc);
   const int threads = static_cast<int>(nc + 1) * 32;
