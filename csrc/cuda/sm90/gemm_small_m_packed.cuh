@@ -34,6 +34,9 @@
 #ifndef JAXFP4_PK_STAGES_N8
 #define JAXFP4_PK_STAGES_N8 3  // ring stages for M <= 8
 #endif
+#ifndef JAXFP4_PK_CPI_N8
+#define JAXFP4_PK_CPI_N8 2  // chunks per consumer warp and item for M <= 8
+#endif
 
 namespace jaxfp4 {
 namespace sm90_gemm {
@@ -46,7 +49,7 @@ constexpr int kPkWarps = JAXFP4_PK_WARPS;
 template <int NT>
 struct PkCfg {
   static constexpr int kWarps = kPkWarps;       // most consumer warps
-  static constexpr int kCpi = NT == 1 ? 2 : 1;  // chunks per consumer warp and item
+  static constexpr int kCpi = NT == 1 ? JAXFP4_PK_CPI_N8 : 1;  // chunks per consumer warp and item
   static constexpr int kStages = NT == 1 ? JAXFP4_PK_STAGES_N8 : 4;  // ring stages
   // Reduction buffers: two alternate by group (one barrier per group); with four
   // token tiles one (their size would crowd out the ring), and a second barrier.
