@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
 import tempfile
 import time
@@ -29,19 +30,36 @@ from llama import CONFIGS, Decoder, calibrate, nvfp4_params, random_params  # no
 
 
 def gpu_kernels(trace_dir: str) -> dict[str, list[float]]:
-    """kernel name -> durations (us) of the GPU activity in the trace under trace_dir."""
+    """kernel name -> durations (us), in start-time order, of the GPU activity in
+    the trace under trace_dir."""
     files = list(Path(trace_dir).rglob("*.xplane.pb"))
-    out: dict[str, list[float]] = collections.defaultdict(list)
+    events: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     if not files:
-        return out
+        return {}
     data = jax.profiler.ProfileData.from_file(str(files[0]))
     for plane in data.planes:
         if plane.name.startswith("/device:GPU"):
             for line in plane.lines:
                 if "Stream" in line.name:
                     for e in line.events:
-                        out[e.name].append(e.duration_ns / 1e3)
-    return out
+                        events[e.name].append((e.start_ns, e.duration_ns / 1e3))
+    return {name: [d for _, d in sorted(ev)] for name, ev in events.items()}
+
+
+def gemm_roles(kernels: dict[str, list[float]], n_tokens: int, layers: int) -> list[tuple[str, float]]:
+    """Median time (us) of each NVFP4 GEMM of a token by its place in the layer
+    (qkv, o, gate_up, down; then the lm_head), from the jaxfp4 GEMM launches in
+    start order: a token runs 4 per layer and one lm_head (fused projections)."""
+    per_token = 4 * layers + 1
+    times = [d for name, ds in kernels.items() if "sm90_gemm" in name for d in ds]
+    if not times or len(times) != per_token * n_tokens:
+        return []
+    kinds = [[] for _ in range(5)]
+    for i, d in enumerate(times):
+        pos = i % per_token
+        kinds[4 if pos == per_token - 1 else pos % 4].append(d)
+    return [(n, statistics.median(v)) for n, v in zip(("qkv_proj", "o_proj", "gate_up_proj", "down_proj",
+                                                        "lm_head"), kinds)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=16, help="decode steps traced")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--top", type=int, default=20, help="kernels listed per model")
+    p.add_argument("--hlo", metavar="DIR", help="also write each model's compiled HLO (text) into DIR")
     p.add_argument("--lm-head", choices=("bf16", "nvfp4"), default="nvfp4",
                    help="the NVFP4 models' lm_head (as examples/decode.py --lm-head; random weights: nvfp4)")
     args = p.parse_args(argv)
@@ -70,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
                                                          head)
         model = Decoder(cfg, lin, packing, lin == "w4a4", True, head)
         run = decode.compile_all(decode.make_generate(model), params, cfg, [b], max_len)[b]
+        if args.hlo:
+            Path(args.hlo).mkdir(parents=True, exist_ok=True)
+            (Path(args.hlo) / f"{args.config}_{lin}_batch{b}.hlo.txt").write_text(run.as_text())
 
         def prefill():
             state = run(params, *decode.buffers(cfg, b, max_len, prompt), i32(start), i32(0), i32(start))
@@ -87,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         count = sum(len(v) for v in kernels.values())
         print(f"\n## {lin}, batch {b}: wall {1e3 * wall / n:.3f} ms/token (profiled); "
               f"GPU busy {busy / n / 1e3:.3f} ms/token; {count / n:.0f} kernels/token")
+        roles = gemm_roles(kernels, n, cfg.layers) if lin != "bf16" else []
+        if roles:
+            print("  NVFP4 GEMMs, median us by projection: " + ", ".join(f"{r} {us:.2f}" for r, us in roles))
         for name, us in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
             print(f"  {sum(us) / n:9.1f} us/token  {len(us) / n:6.1f}/token  {sum(us) / len(us):8.2f} us each  "
                   f"{name[:100]}")
