@@ -10,8 +10,9 @@
 #include "../../csrc/cpu/common.h"  // the CPU handlers' exact host bf16/f16 conversions
 
 namespace jaxfp4 {
-// The drivers run without the nanobind module: nothing to report kernels to.
-void record_kernel(const char*, const char*) {}
+// The drivers run without the nanobind module: the last kernel is kept for their own reports.
+const char* g_last_kernel = "";
+void record_kernel(const char*, const char* kernel) { g_last_kernel = kernel; }
 }  // namespace jaxfp4
 
 using jaxfp4::cpu::bf16_to_float;

@@ -250,9 +250,9 @@ static bool run_case(const Case& cs, bool verbose) {
     }
     if (ref[i] != 0) worst = std::max(worst, err / (absref[i] + 1e-300));
   }
-  printf("%s M=%d N=%d K=%d mode=%d packed=%d bl=%d al=%d out=%d La=%d Lb=%d: %s (worst err/sum|t| %.2e)\n",
+  printf("%s M=%d N=%d K=%d mode=%d packed=%d bl=%d al=%d out=%d La=%d Lb=%d: %s (worst err/sum|t| %.2e) %s\n",
          bad ? "FAIL" : "ok  ", M, N, K, cs.mode, cs.packed, cs.b_layout, cs.a_layout, cs.out_type, cs.La, cs.Lb,
-         bad ? "mismatch" : "pass", worst);
+         bad ? "mismatch" : "pass", worst, jaxfp4::g_last_kernel);
   cudaFree(db);
   cudaFree(dbs);
   cudaFree(da);
