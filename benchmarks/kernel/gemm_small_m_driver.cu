@@ -67,7 +67,7 @@ static uint8_t rand_sf() {  // finite, non-negative, incl. subnormals and 0 (rar
 
 struct Case {
   int M, N, K;
-  int mode;  // 0 w4a16 bf16, 1 w4a16 f16, 2 w4a4
+  int mode;  // 0 w4a16 bf16, 1 w4a16 f16, 2 w4a4, 3 w4a4 from bf16 quantized in the kernel (packed, M <= 8)
   bool packed;
   int b_layout, a_layout;
   int out_type;
@@ -107,6 +107,35 @@ static bool run_case(const Case& cs, bool verbose) {
       }
     }
   }
+  // mode 3: the activations quantized on the host (format.h, as jaxfp4.quantize
+  // with g = ag): codes (plain nibble order), LINEAR scales, and their values
+  std::vector<std::vector<uint8_t>> qdata(cs.La), qsf(cs.La);
+  std::vector<std::vector<double>> qval(cs.La);
+  if (cs.mode == 3) {
+    for (int l = 0; l < cs.La; ++l) {
+      qdata[l].assign(static_cast<size_t>(M) * K / 2, 0);
+      qsf[l].assign(static_cast<size_t>(M) * C, 0);
+      qval[l].assign(static_cast<size_t>(M) * K, 0.0);
+      const float gs = 1.0f / ag[l];
+      for (int m = 0; m < M; ++m)
+        for (int c = 0; c < C; ++c) {
+          float x[16], vmax = 0.0f;
+          for (int i = 0; i < 16; ++i) {
+            x[i] = bf16_to_float(a16[l][static_cast<size_t>(m) * K + 16 * c + i]);
+            vmax = nan_max_abs(vmax, x[i]);
+          }
+          const uint8_t sf = block_scale(vmax, gs);
+          const float os = block_output_scale(sf, gs);
+          qsf[l][static_cast<size_t>(m) * C + c] = sf;
+          for (int i = 0; i < 16; ++i) {
+            const uint32_t q = e2m1_encode(x[i] * os);
+            const size_t k = static_cast<size_t>(m) * K + 16 * c + i;
+            qdata[l][k / 2] |= static_cast<uint8_t>(q << (4 * (k & 1)));
+            qval[l][k] = static_cast<double>(e2m1_decode(q)) * e4m3_decode(sf);
+          }
+        }
+    }
+  }
   // reference (float64)
   auto wval = [&](int l, int n, int k) {
     const uint8_t b = bdata[l][static_cast<size_t>(n) * (K / 2) + k / 2];
@@ -119,13 +148,14 @@ static bool run_case(const Case& cs, bool verbose) {
       return static_cast<double>(e2m1_decode((k & 1) ? b >> 4 : b & 15)) *
              e4m3_decode(asf_lin[l][static_cast<size_t>(m) * C + k / 16]);
     }
+    if (cs.mode == 3) return qval[l][static_cast<size_t>(m) * K + k];
     const uint16_t v = a16[l][static_cast<size_t>(m) * K + k];
     return cs.mode == 1 ? f16_to_float(v) : bf16_to_float(v);
   };
   std::vector<double> ref(static_cast<size_t>(L) * M * N), absref(ref.size());
   for (int z = 0; z < L; ++z) {
     const int la = cs.La == 1 ? 0 : z, lb = cs.Lb == 1 ? 0 : z;
-    const double gg = cs.mode == 2 ? static_cast<double>(ag[la] * bg[lb]) : bg[lb];
+    const double gg = cs.mode >= 2 ? static_cast<double>(ag[la] * bg[lb]) : bg[lb];
     std::vector<double> wrow(K);
     for (int n = 0; n < N; ++n) {
       for (int k = 0; k < K; ++k) wrow[k] = wval(lb, n, k);
@@ -218,6 +248,7 @@ static bool run_case(const Case& cs, bool verbose) {
   Lc.f16 = cs.mode == 1;
   Lc.a4 = cs.mode == 2;
   Lc.packed = cs.packed;
+  Lc.qa = cs.mode == 3;
   ffi::Error e = finish(Lc, M, N, K, 0);
   if (e.failure()) {
     printf("launch failed\n");
@@ -226,6 +257,44 @@ static bool run_case(const Case& cs, bool verbose) {
   CK(cudaDeviceSynchronize());
   std::vector<uint8_t> hout(out_bytes);
   CK(cudaMemcpy(hout.data(), dout, out_bytes, cudaMemcpyDeviceToHost));
+  const char* kernel = jaxfp4::g_last_kernel;
+  bool same_as_w4a4 = true;  // mode 3: bit for bit what quantize-then-W4A4 gives (8x4 activation scales)
+  if (cs.mode == 3) {
+    std::vector<uint8_t> qd, qs;
+    for (int l = 0; l < cs.La; ++l) {
+      std::vector<uint8_t> s8(sf_rows(SfLayout::kSwizzled8x4, M) * sf_cols(SfLayout::kSwizzled8x4, C), 0);
+      for (int m = 0; m < M; ++m)
+        for (int c = 0; c < C; ++c) s8[sf_offset(SfLayout::kSwizzled8x4, m, c, C)] = qsf[l][static_cast<size_t>(m) * C + c];
+      qd.insert(qd.end(), qdata[l].begin(), qdata[l].end());
+      qs.insert(qs.end(), s8.begin(), s8.end());
+    }
+    uint8_t *dqd, *dqs;
+    void* dout2;
+    CK(cudaMalloc(&dqd, qd.size() + 16));
+    CK(cudaMalloc(&dqs, qs.size() + 16));
+    CK(cudaMalloc(&dout2, out_bytes));
+    CK(cudaMemcpy(dqd, qd.data(), qd.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dqs, qs.data(), qs.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemset(dout2, 0xFF, out_bytes));
+    Launch L4 = Lc;
+    L4.qa = false;
+    L4.a4 = true;
+    L4.p.a = dqd;
+    L4.p.a_sf = dqs;
+    L4.p.out = dout2;
+    L4.p.a_sf_layout = static_cast<int>(SfLayout::kSwizzled8x4);
+    L4.p.a_stride = static_cast<int64_t>(M) * K / 2;
+    L4.p.a_sf_stride = static_cast<int64_t>(qs.size() / cs.La);
+    L4.p.a_sf_cstride = sf_offset(SfLayout::kSwizzled8x4, 0, 4, C) - sf_offset(SfLayout::kSwizzled8x4, 0, 0, C);
+    if (finish(L4, M, N, K, 0).failure()) return false;
+    std::vector<uint8_t> hout2(out_bytes);
+    CK(cudaMemcpy(hout2.data(), dout2, out_bytes, cudaMemcpyDeviceToHost));
+    same_as_w4a4 = hout2 == hout;
+    if (!same_as_w4a4) printf("   in-kernel quantization differs from quantize + W4A4\n");
+    cudaFree(dqd);
+    cudaFree(dqs);
+    cudaFree(dout2);
+  }
   const double eps = cs.out_type == kOutF32 ? std::ldexp(1.0, -24) : (cs.out_type == kOutBF16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11));
   int bad = 0;
   double worst = 0;
@@ -252,7 +321,7 @@ static bool run_case(const Case& cs, bool verbose) {
   }
   printf("%s M=%d N=%d K=%d mode=%d packed=%d bl=%d al=%d out=%d La=%d Lb=%d: %s (worst err/sum|t| %.2e) %s\n",
          bad ? "FAIL" : "ok  ", M, N, K, cs.mode, cs.packed, cs.b_layout, cs.a_layout, cs.out_type, cs.La, cs.Lb,
-         bad ? "mismatch" : "pass", worst, jaxfp4::g_last_kernel);
+         bad ? "mismatch" : "pass", worst, kernel);
   cudaFree(db);
   cudaFree(dbs);
   cudaFree(da);
@@ -260,7 +329,7 @@ static bool run_case(const Case& cs, bool verbose) {
   cudaFree(dbg);
   cudaFree(dag);
   cudaFree(dout);
-  return bad == 0;
+  return bad == 0 && same_as_w4a4;
 }
 
 static int check_all(bool quick) {
@@ -294,6 +363,14 @@ static int check_all(bool quick) {
   cases.push_back({1, 40, 11008, 0, true, 0, 0, kOutF32, 1, 1});
   cases.push_back({16, 40, 11008, 0, true, 1, 0, kOutF32, 1, 1});
   cases.push_back({5, 24, 18944, 2, true, 0, 2, kOutF32, 1, 1});
+  // W4A4 with the activations quantized in the kernel (packed, M <= 8): vs the
+  // reference and bit for bit vs quantize + W4A4; ragged K, a short last item,
+  // batched, the largest K for M = 2 (2 * 20480 * 2 bytes)
+  cases.push_back({1, 200, 4096, 3, true, 0, 0, kOutBF16, 1, 1});
+  cases.push_back({8, 1000, 272, 3, true, 1, 0, kOutF32, 1, 1});
+  cases.push_back({3, 37, 11008, 3, true, 2, 0, kOutF32, 1, 1});
+  cases.push_back({3, 200, 1040, 3, true, 0, 0, kOutF16, 3, 1});
+  cases.push_back({2, 16, 20416, 3, true, 0, 0, kOutF32, 1, 1});
   if (quick) cases.resize(8);
   // Consumer warps per group (runs of chunks -> warps): fewest items, then fewest warps.
   const int64_t nc_table[][3] = {{32, 16, 16}, {64, 16, 16}, {112, 16, 16}, {86, 16, 15}, {148, 16, 15},
@@ -435,11 +512,13 @@ static void bench(bool quick) {
     printf("N=%d K=%d: %.1f MB/copy, %d copies; floor (1 stream, scaled to data+scales) %.2f us, (2 streams) %.2f us\n",
            N, K, per / 1e6, copies, fl, fl2);
     for (int kind : kinds) {
-      // 0 packed bf16, 1 plain bf16 (linear scales), 2 packed w4a4 (8x4 act scales), 3 plain 128x4 bf16
+      // 0 packed bf16, 1 plain bf16 (linear scales), 2 packed w4a4 (8x4 act scales), 3 plain 128x4 bf16,
+      // 4 packed w4a4 quantizing bf16 activations in the kernel (M <= 8)
       if (quick && kind >= 2) continue;
       if (kind == 3 && N != 28672) continue;
       for (int M : Ms) {
         if (kind == 2 && (M == 2 || M == 16)) continue;
+        if (kind == 4 && (M > 8 || std::min(M, 8) * qa_row_bytes(K) > kQaMaxBytes)) continue;
         Launch L;
         L.p.a = kind == 2 ? static_cast<const void*>(A4) : static_cast<const void*>(A);
         L.p.a_sf = A4s;
@@ -458,7 +537,8 @@ static void bench(bool quick) {
         L.batch = 1;
         L.f16 = false;
         L.a4 = kind == 2;
-        L.packed = kind == 0 || kind == 2;
+        L.qa = kind == 4;
+        L.packed = kind == 0 || kind == 2 || kind == 4;
         auto go = [&](int c) {
           L.p.b = W[c];
           L.p.b_sf = S[c];
@@ -477,7 +557,8 @@ static void bench(bool quick) {
         float ms;
         CK(cudaEventElapsedTime(&ms, e0, e1));
         const float us = ms * 1000 / iters;
-        const char* kn[] = {"w4a16 bf16 packed", "w4a16 bf16 plain lin", "w4a4 packed (a 8x4)", "w4a16 plain 128x4"};
+        const char* kn[] = {"w4a16 bf16 packed", "w4a16 bf16 plain lin", "w4a4 packed (a 8x4)", "w4a16 plain 128x4",
+                            "w4a4 packed, quantize a"};
         char line[256];
         snprintf(line, sizeof line, "%5dx%-6d %-22s %4d %9.2f %9.2f %6.1f%%", N, K, kn[kind], M, us, fl,
                  100.0f * fl / us);

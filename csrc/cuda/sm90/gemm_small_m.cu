@@ -286,6 +286,7 @@ struct Launch {
   bool f16 = false;   // fp16 activations (W4A16)
   bool a4 = false;
   bool packed = false;
+  bool qa = false;    // W4A4 with bf16 activations quantized in the kernel (packed, M <= 8)
 };
 
 template <typename T, int NT, bool PACKED, bool A4>
@@ -336,7 +337,7 @@ inline int64_t packed_consumers(int64_t runs, int64_t max_warps) {
 
 // Packed weights: `nc` consumer warps split K item by item (plus the producer
 // warp); a persistent grid of about one wave walks the tile groups.
-template <typename T, int NT, bool A4>
+template <typename T, int NT, bool A4, bool QA = false>
 cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   Params& p = L.p;
   constexpr int kCpi = PkCfg<NT>::kCpi;
@@ -348,10 +349,14 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   p.chunks_per_warp = kCpi;
   p.items = static_cast<int32_t>((runs + nc - 1) / nc);
   const int threads = static_cast<int>(nc + 1) * 32;
-  const size_t smem = packed_smem_bytes<NT>(static_cast<int>(nc));
-  auto kernel = gemm_packed_kernel<T, NT, A4>;
+  // QA: the quantized activation rows after the ring (checked by the handler: <= kQaMaxBytes).
+  const size_t qa_bytes = QA ? static_cast<size_t>(std::min<int64_t>(p.M, 8) * qa_row_bytes(p.K)) : 0;
+  const size_t smem = packed_smem_bytes<NT>(static_cast<int>(nc)) + qa_bytes;
+  auto kernel = gemm_packed_kernel<T, NT, A4, QA>;
   static std::atomic<bool> smem_set[kMaxDevices];
-  if (cudaError_t e = allow_smem(kernel, packed_smem_bytes<NT>(PkCfg<NT>::kWarps), smem_set); e != cudaSuccess) return e;
+  if (cudaError_t e = allow_smem(kernel, packed_smem_bytes<NT>(PkCfg<NT>::kWarps) + (QA ? kQaMaxBytes : 0), smem_set);
+      e != cudaSuccess)
+    return e;
   static std::atomic<int> occupancy[PkCfg<NT>::kWarps + 2][kMaxDevices];  // by warp count (consumers + producer)
   const int dev = current_device();
   const int64_t slots = static_cast<int64_t>(sm_count(dev)) *
@@ -360,7 +365,7 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(groups, slots / (mtiles * L.batch)));
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
   kernel<<<grid, threads, smem, stream>>>(p);
-  *name = kernel_name<T, NT, true, A4>();
+  *name = QA ? "sm90_gemm_small_m_w4a4_n8_packed_quantize_a" : kernel_name<T, NT, true, A4>();
   return cudaGetLastError();
 }
 
@@ -410,6 +415,7 @@ cudaError_t launch_nt(const Launch& L, cudaStream_t stream, const char** name) {
 
 // Launches the GEMM described by L (already validated); *name gets the kernel's name.
 cudaError_t launch(const Launch& L, cudaStream_t stream, const char** name) {
+  if (L.qa) return launch_packed<__nv_bfloat16, 1, false, true>(L, stream, name);
   if (L.a4) {
     return L.packed ? launch_nt<__nv_bfloat16, true, true>(L, stream, name)
                     : launch_nt<__nv_bfloat16, false, true>(L, stream, name);
@@ -605,8 +611,66 @@ ffi::Error GemmW4A4Impl(cudaStream_t stream, ffi::AnyBuffer a_data, ffi::AnyBuff
   return finish(L, M, N, K, stream);
 }
 
+// W4A4 with the activation quantization in the kernel: a [*La, M, K] BF16
+// quantized with decode scale a_g [*La] (as jaxfp4.quantize(a, a_g)), then
+// a @ b^T. For packed weights, M <= 8 and min(M, 8) * qa_row_bytes(K) <=
+// kQaMaxBytes (jaxfp4's lowering checks the same before choosing it).
+ffi::Error GemmW4A4QuantizeAImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer a_g, ffi::AnyBuffer b_data,
+                                 ffi::AnyBuffer b_scales, ffi::AnyBuffer b_g, ffi::Result<ffi::AnyBuffer> out,
+                                 int32_t b_sf_layout, int32_t b_packing) {
+  Launch L;
+  const Dims ad = a.dimensions();
+  if (ad.size() < 2) return bad("a must have rank >= 2 ([*L, M, K])");
+  if (a.element_type() != ffi::DataType::BF16) return bad("a must be BF16 (in-kernel activation quantization)");
+  const int nl = static_cast<int>(ad.size()) - 2;
+  if (nl > kMaxBatchRank) return bad("too many batch axes");
+  const int64_t M = ad[nl], K = ad[nl + 1];
+  if (K % 16 != 0) return bad("K must be a multiple of 16");
+  if (b_packing != 1) return bad("in-kernel activation quantization needs sm90-packed weights (b_packing 1)");
+  if (M > 8 || std::min<int64_t>(M, 8) * qa_row_bytes(K) > kQaMaxBytes)
+    return bad("in-kernel activation quantization needs M <= 8 and M * (K rounded up to 64) * 2 <= " +
+               std::to_string(kQaMaxBytes - 16 * 8) + " bytes");
+  if (reinterpret_cast<uintptr_t>(a.untyped_data()) % 16 != 0) return bad("a is misaligned");
+  {
+    const Dims gd = a_g.dimensions();
+    bool ok = a_g.element_type() == ffi::DataType::F32 && static_cast<int>(gd.size()) == nl;
+    for (int i = 0; ok && i < nl; ++i) ok = gd[i] == ad[i];
+    if (!ok) return bad("a_g must be F32 [*La], got " + dims_str(gd));
+  }
+  const Dims od = out->dimensions();
+  if (static_cast<int>(od.size()) != nl + 2) return bad("out must have the rank of a");
+  const int64_t N = od[nl + 1];
+  int64_t b_lead[kMaxBatchRank] = {};
+  if (auto e = check_weights(b_data, b_scales, b_g, b_sf_layout, b_packing, nl, N, K, &L, b_lead); e.failure())
+    return e;
+  BatchMap map;
+  if (!make_batch_map(ad.begin(), b_lead, nl, &map)) return bad("the batch axes of a and b do not broadcast");
+  int64_t n_out = 0;
+  if (auto e = check_out(*out, nl, M, map, &L, &n_out); e.failure()) return e;
+  L.qa = true;
+  L.p.map = map;
+  L.p.a = a.untyped_data();
+  L.p.a_stride = M * K;
+  L.p.a_sf = nullptr;
+  L.p.a_g = static_cast<const float*>(a_g.untyped_data());
+  return finish(L, M, N, K, stream);
+}
+
 }  // namespace sm90_gemm
 }  // namespace jaxfp4
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmW4A4QuantizeACuda, jaxfp4::sm90_gemm::GemmW4A4QuantizeAImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // a [*La, M, K] BF16
+                                  .Arg<ffi::AnyBuffer>()  // a_g F32 [*La]
+                                  .Arg<ffi::AnyBuffer>()  // b_data U8 (sm90-packed)
+                                  .Arg<ffi::AnyBuffer>()  // b_scales F8E4M3FN
+                                  .Arg<ffi::AnyBuffer>()  // b_g F32 [*Lb]
+                                  .Ret<ffi::AnyBuffer>()  // out [*L, M, N]
+                                  .Attr<int32_t>("b_sf_layout")
+                                  .Attr<int32_t>("b_packing"),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmW4A16Cuda, jaxfp4::sm90_gemm::GemmW4A16Impl,
                               ffi::Ffi::Bind()

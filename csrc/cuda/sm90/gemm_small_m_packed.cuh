@@ -28,6 +28,8 @@
 // producer does not join.
 #pragma once
 
+#include "quantize_block.cuh"
+
 #ifndef JAXFP4_PK_WARPS
 #define JAXFP4_PK_WARPS 16  // most consumer warps (K slices) per CTA
 #endif
@@ -68,6 +70,66 @@ constexpr size_t packed_smem_bytes(int nc) {
          static_cast<size_t>(PkCfg<NT>::kStages) * (PkCfg<NT>::kStageBytes + 16);
 }
 
+// ---- W4A4 with the activation quantization inside the kernel (QA) -------------
+// For M <= 8 bf16 activations with a static decode scale g_a: the consumers
+// quantize the CTA's rows once, exactly as the quantize kernel does (the same
+// quantize_block.cuh code), decode them as the W4A4 kernel decodes activation
+// codes (times 2^-7, the same instructions) and keep the bf16 values in shared
+// memory, from which the main loop takes its B fragments as W4A16 does. So the
+// products, their order and the epilogue are the W4A4 kernel's: the result is
+// bit for bit that of jaxfp4.quantize then the W4A4 GEMM, without the quantize
+// launch and without per-chunk activation decoding.
+
+// Bytes of shared memory one quantized activation row takes: Kp bf16 plus 16
+// (row r's 16-byte loads then fall in other banks than row r + 1's).
+__host__ __device__ inline int64_t qa_row_bytes(int64_t K) { return (K + kChunk - 1) / kChunk * kChunk * 2 + 16; }
+constexpr int64_t kQaMaxBytes = 80 * 1024;  // beside the M <= 8 ring and reduction buffers (227 KB)
+
+// Rows 0 .. min(M, 8) - 1 of the CTA's activation entry quantized with g = a_g,
+// dequantized into `act` (row stride qa_row_bytes(K), elements in order, blocks
+// past K zero), by `nthreads` threads, this one `tid`.
+__device__ __forceinline__ void qa_quantize_rows(const Params& p, int64_t ia, unsigned char* act, int tid,
+                                                 int nthreads) {
+  namespace qb = quantize_block;
+  const int rows = min(p.M, 8), C = p.C, cp = 4 * p.chunks;  // blocks per row incl. the chunk padding
+  const int64_t stride = qa_row_bytes(p.K);
+  const float gs = 1.0f / p.a_g[ia], inv_gs = 1.0f / gs;  // as the quantize kernel's kOneG path
+  const void* a = static_cast<const uint16_t*>(p.a) + ia * p.a_stride;
+  for (int b = tid; b < rows * cp; b += nthreads) {
+    const int r = b / cp, c = b - r * cp;
+    uint32_t o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (c < C) {
+      qb::Block16<__nv_bfloat16_raw> blk;
+      blk.load(a, static_cast<uint32_t>(r * C + c));
+      // block_scale and block_output_scale of format.h, as quantize_kernel runs them.
+      const float vmax = blk.abs_max();
+      const uint32_t sf = qb::e4m3_encode_hw(gs * (vmax * recip6()));
+      const float os = sf == 0 ? 0.0f : __frcp_rn(qb::e4m3_decode_hw(sf) * inv_gs);
+      const bool finite = max(float_to_bits(vmax), float_to_bits(os)) < 0x7F800000u;
+      const uint2 q = finite ? make_uint2(qb::pack8_fast(blk, 0, os), qb::pack8_fast(blk, 8, os))
+                             : qb::pack16_exact(blk, os);
+      // mma_chunk's W4A4 activation decoding: pairs (j, j+4) times SF 2^-7, then in order.
+      uint32_t s0, s1;
+      scale_pair<__nv_bfloat16>(sf, s0, s1);
+      const uint32_t words[2] = {q.x, q.y};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t v[4];
+        codes4<false, false>(words[h], v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = mul2<__nv_bfloat16>(v[j], s0);
+        o[4 * h] = prmt(v[0], v[1], 0x5410);
+        o[4 * h + 1] = prmt(v[2], v[3], 0x5410);
+        o[4 * h + 2] = prmt(v[0], v[1], 0x7632);
+        o[4 * h + 3] = prmt(v[2], v[3], 0x7632);
+      }
+    }
+    uint4* dst = reinterpret_cast<uint4*>(act + r * stride + 32 * c);
+    dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+    dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+  }
+}
+
 // Bulk copies (sm_90's TMA unit, no tensor map): global -> shared, completing
 // on an mbarrier that counts the bytes. The CTA is its own cluster, so its
 // shared::cta addresses are valid shared::cluster ones.
@@ -106,8 +168,10 @@ __device__ __forceinline__ void consumers_sync(int nc) {
   asm volatile("bar.sync 1, %0;" ::"r"(nc * 32) : "memory");
 }
 
-template <typename T, int NT, bool A4>
+template <typename T, int NT, bool A4, bool QA = false>
 __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_kernel(const __grid_constant__ Params p) {
+  static_assert(!QA || (NT == 1 && !A4 && std::is_same<T, __nv_bfloat16>::value),
+                "in-kernel activation quantization: M <= 8, bf16 operands");
   using Cfg = PkCfg<NT>;
   constexpr int S = Cfg::kStages;
   constexpr int kCpi = Cfg::kCpi;
@@ -130,6 +194,8 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + Cfg::kRedBufs * nc * F * 4;
   const uint32_t full = ring + S * Cfg::kStageBytes;  // [S] mbarriers, then empty [S]
   const uint32_t empty = full + 8 * S;
+  // QA: the quantized activations, after the barriers (16-byte aligned).
+  unsigned char* const act = smem_raw + Cfg::kRedBufs * nc * F * 4 + S * (Cfg::kStageBytes + 16);
   if (warp == nc && lane == 0) {
     for (int i = 0; i < S; ++i) {
       mbar_init(full + 8 * i, 1);        // the producer's arrival (+ the bytes)
@@ -175,7 +241,16 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   // ---- consumers ---------------------------------------------------------------------
   float acc[kTPW][NT][4];
   zero_acc(acc);
-  const float alpha = epilogue_alpha<A4>(p, pro.ia, pro.ib);
+  float alpha = epilogue_alpha<A4>(p, pro.ia, pro.ib);
+  uint32_t act_lane = 0;  // QA: shared address of the lane's token row at chunk c0, slot t
+  if constexpr (QA) {
+    // While the producer fills the ring: the activations, quantized once per CTA.
+    qa_quantize_rows(p, pro.ia, act, static_cast<int>(threadIdx.x), nc * 32);
+    consumers_sync(nc);
+    alpha = epilogue_alpha<true>(p, pro.ia, pro.ib);  // the W4A4 kernel's (activations times 2^-7)
+    act_lane = static_cast<uint32_t>(__cvta_generic_to_shared(act)) +
+               static_cast<uint32_t>(min(g, p.M - 1) * qa_row_bytes(p.K) + pro.c0 * kChunk * 2 + t * 32);
+  }
   const int64_t out_base = pro.z * static_cast<int64_t>(p.M) * p.N;
   const int64_t item_act = static_cast<int64_t>(nc) * kCpi * (A4 ? kChunk / 2 : kChunk * 2);  // bytes per item
   const int64_t item_asf = static_cast<int64_t>(nc) * kCpi * p.a_sf_cstride;
@@ -197,7 +272,16 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
       // Activations first (L1/L2 hits): they land while the weights are dequantized.
       // Unpredicated unless the warp's chunks are short or hold the last block of a ragged K.
       ActStage<NT, A4> at[kCpi];
-      if (mine == kCpi && (p.C % 4 == 0 || c + kCpi < p.chunks)) {
+      if constexpr (QA) {
+        // Rows are zero-padded to whole chunks; chunks past K are not read (not computed).
+        const uint32_t a0 = act_lane + static_cast<uint32_t>(it) * nc * kCpi * kChunk * 2;
+#pragma unroll
+        for (int ci = 0; ci < kCpi; ++ci) {
+          const bool in = ci < mine;  // uniform over the warp
+          at[ci].act[0][0] = in ? lds128(a0 + ci * kChunk * 2) : make_uint4(0, 0, 0, 0);
+          at[ci].act[0][1] = in ? lds128(a0 + ci * kChunk * 2 + 16) : make_uint4(0, 0, 0, 0);
+        }
+      } else if (mine == kCpi && (p.C % 4 == 0 || c + kCpi < p.chunks)) {
 #pragma unroll
         for (int ci = 0; ci < kCpi; ++ci) load_act<NT, A4, false>(at[ci], aq, asq, ci, p.a_sf_cstride, true);
       } else {
