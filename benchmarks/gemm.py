@@ -23,6 +23,9 @@ Methods (out = A [M, K] @ W [N, K]^T in bfloat16):
   jaxfp4_w4a4_8x4_packed    the same with jaxfp4.prepare_weights weights
   jaxfp4_w4a4_128x4         ... with "128x4" activation scales, checkpoint-order weights
   jaxfp4_w4a4_128x4_packed  ... with "128x4" activation scales, prepared weights
+  jaxfp4_w4a4_input_scale_packed  jaxfp4.matmul(a, w, input_scale=g_a): the same W4A4
+                      product as one op (on the GPU the kernel quantizes a itself for M <= 8
+                      when a's rows fit its shared memory; else quantize + W4A4), prepared weights
   read_floor          csrc/cuda/bench_stream.cu: streams the same NVFP4 weight bytes
                       (codes + scales) with 16-byte loads and an SM-sized grid
 
@@ -67,7 +70,8 @@ QUICK_MS = [1, 8, 16, 32, 128]
 BASELINES = ("xla_bf16", "xla_fp8", "jax_scaled_matmul", "xla_dequant_dot")
 JAXFP4 = ("jaxfp4_w4a16", "jaxfp4_w4a16_packed",
           "jaxfp4_w4a4_8x4", "jaxfp4_w4a4_8x4_packed",
-          "jaxfp4_w4a4_128x4", "jaxfp4_w4a4_128x4_packed")
+          "jaxfp4_w4a4_128x4", "jaxfp4_w4a4_128x4_packed", "jaxfp4_w4a4_input_scale_packed")
+W4A4_ONE_OP = "jaxfp4_w4a4_input_scale_packed"  # matmul(a, w, input_scale=g_a)
 METHODS = BASELINES + JAXFP4
 MIN_ROTATION_BYTES = 128 << 20  # > 2 x L2 on H100 (50 MB) and H200 (60 MB)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,7 +88,10 @@ def is_packed(method: str) -> bool:
 
 
 def w4a4_layout(method: str) -> str | None:
-    """The activation sf_layout of a W4A4 method ("jaxfp4_w4a4_8x4_packed" -> "8x4"), else None."""
+    """The activation sf_layout of a W4A4 method ("jaxfp4_w4a4_8x4_packed" -> "8x4"; the one-op
+    method's where it quantizes as a separate step, M <= 32), else None."""
+    if method == W4A4_ONE_OP:
+        return "8x4"
     return method.split("_")[2] if method.startswith("jaxfp4_w4a4_") else None
 
 
@@ -341,6 +348,8 @@ def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, al
             return (lambda a, wq: dot_nt(a, dequant_bf16(*wq), preferred_element_type=jnp.bfloat16)), acts
         if method in ("jaxfp4_w4a16", "jaxfp4_w4a16_packed"):
             return (lambda a, wq: jaxfp4.matmul(a, wq, out_dtype=jnp.bfloat16)), acts
+        if method == W4A4_ONE_OP:
+            return (lambda a, wq: jaxfp4.matmul(a, wq, input_scale=g_a, out_dtype=jnp.bfloat16)), acts
         layout = w4a4_layout(method)
         return (lambda a, wq: jaxfp4.matmul(jaxfp4.quantize(a, g_a, sf_layout=layout), wq,
                                             out_dtype=jnp.bfloat16)), acts

@@ -87,13 +87,24 @@ def dequantize(t: NVFP4Tensor, dtype: Any = jnp.float32) -> jax.Array:
 
 # ---- GEMM ----------------------------------------------------------------------
 
-def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, out_dtype: Any = jnp.bfloat16) -> jax.Array:
+def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = None,
+           input_sf_layout: str | None = None, out_dtype: Any = jnp.bfloat16) -> jax.Array:
     """a @ b.T with NVFP4 weights b [..., N, K] (K-major, the checkpoint orientation).
 
     a is an NVFP4Tensor [..., M, K] (W4A4: both operands 4-bit) or a
-    bfloat16/float16/float32 array [..., M, K] (W4A16: weight-only). Leading
-    batch axes broadcast (numpy rules). Returns [..., M, N] in `out_dtype`,
-    accumulated in float32 (nvfp4-spec.md section 4).
+    bfloat16/float16/float32 array [..., M, K]: weight-only (W4A16), or with
+    `input_scale` W4A4 with a quantized first, exactly as
+    `matmul(quantize(a, input_scale), b)` (on the GPU one kernel for decode-size
+    M with prepared weights: no separate quantize launch). Leading batch axes
+    broadcast (numpy rules). Returns [..., M, N] in `out_dtype`, accumulated in
+    float32 (nvfp4-spec.md section 4).
+
+    Args:
+      input_scale: a's static decode scale g_a (float32 scalar or one per
+        leading batch entry of a), e.g. a checkpoint's calibrated input scale.
+      input_sf_layout: with input_scale, the scale layout a is quantized into
+        where quantization runs as its own step (the result does not depend on
+        it); default "8x4" for at most 32 rows, else "128x4".
     """
     b = _check_tensor(b, "b")
     out_dt = _check_float_dtype(out_dtype, "out_dtype")
@@ -101,6 +112,12 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, out_dtype: Any = jnp.b
         raise ValueError(f"b must have rank >= 2 ([..., N, K]), got {describe(b)}")
     n, k = b.shape[-2:]
     w4a4 = isinstance(a, NVFP4Tensor)
+    if input_scale is not None and w4a4:
+        raise ValueError("input_scale quantizes a float a: a is already an NVFP4Tensor (drop input_scale)")
+    if input_sf_layout is not None:
+        if input_scale is None:
+            raise ValueError("input_sf_layout is the layout a is quantized into: it needs input_scale")
+        fmt.check_sf_layout(input_sf_layout, "input_sf_layout")
     if w4a4:
         if a.packing is not None:
             raise ValueError("a must not be pre-packed: prepare_weights is for the weight operand b")
@@ -118,6 +135,9 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, out_dtype: Any = jnp.b
     m = a.shape[-2]
 
     params = dict(b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dt)
+    if input_scale is not None:
+        g_a = _global_scale(input_scale, a_lead, "input_scale")
+        return _matmul_quantize_a(a, b, g_a, np.ndim(input_scale) == 0, input_sf_layout, lead, params)
     if not w4a4 and not any(d != 1 for d in b_lead):
         # Shared weights: fold a's batch axes into M so the weights stream once.
         (out,) = gemm_p.bind(a.reshape(1, -1, k), *_with_rank(b, 1), mode="w4a16",
@@ -130,6 +150,27 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, out_dtype: Any = jnp.b
     else:
         a2 = a.reshape((1,) * (rank - len(a_lead)) + a.shape)
         (out,) = gemm_p.bind(a2, *b_ops, mode="w4a16", a_sf_layout=None, **params)
+    return out
+
+
+def _matmul_quantize_a(a: jax.Array, b: NVFP4Tensor, g_a: jax.Array, one_g: bool, layout: str | None,
+                       lead: tuple[int, ...], params: dict) -> jax.Array:
+    """W4A4 from float activations a [..., M, K] and their decode scale g_a [...]
+    (`one_g`: the same for every batch entry); `layout` as matmul's input_sf_layout."""
+    *a_lead, m, k = a.shape
+    if one_g and not any(d != 1 for d in b.shape[:-2]):
+        # Shared weights, one g_a: a's batch axes fold into M (the weights stream once).
+        rows = int(np.prod(a_lead, dtype=np.int64)) * m
+        layout = layout or ("8x4" if rows <= 32 else "128x4")
+        g1 = g_a.reshape(-1)[:1] if g_a.size else jnp.ones((1,), jnp.float32)
+        (out,) = gemm_p.bind(a.reshape(1, rows, k), g1, *_with_rank(b, 1), mode="w4a4_quantize_a",
+                             a_sf_layout=layout, **params)
+        return out.reshape(*lead, m, params["b_shape"][0])
+    rank = len(lead)
+    grow = (1,) * (rank - len(a_lead))
+    (out,) = gemm_p.bind(a.reshape(grow + a.shape), g_a.reshape(grow + g_a.shape), *_with_rank(b, rank),
+                         mode="w4a4_quantize_a", a_sf_layout=layout or ("8x4" if m <= 32 else "128x4"),
+                         **params)
     return out
 
 

@@ -40,11 +40,13 @@ def _rows(md: Path) -> list[list[str]]:
 def test_gemm_method_names(gemm):
     assert {"jaxfp4_w4a4_8x4_packed", "jaxfp4_w4a4_128x4_packed"} <= set(gemm.METHODS)
     assert {m for m in gemm.METHODS if gemm.is_packed(m)} == {
-        "jaxfp4_w4a16_packed", "jaxfp4_w4a4_8x4_packed", "jaxfp4_w4a4_128x4_packed"}
+        "jaxfp4_w4a16_packed", "jaxfp4_w4a4_8x4_packed", "jaxfp4_w4a4_128x4_packed",
+        "jaxfp4_w4a4_input_scale_packed"}
     assert gemm.w4a4_layout("jaxfp4_w4a4_8x4") == "8x4"
     assert gemm.w4a4_layout("jaxfp4_w4a4_8x4_packed") == "8x4"
     assert gemm.w4a4_layout("jaxfp4_w4a4_128x4_packed") == "128x4"
     assert gemm.w4a4_layout("jaxfp4_w4a16_packed") is None
+    assert gemm.w4a4_layout("jaxfp4_w4a4_input_scale_packed") == "8x4"
 
 
 def test_gemm_smoke_reports_every_method(gemm, tmp_path):

@@ -23,6 +23,7 @@ from flax import traverse_util
 
 import jaxfp4
 from jaxfp4.primitives.gemm import gemm_p
+from jaxfp4.primitives.gemm import gemm_p
 from jaxfp4.primitives.quantize import quantize_p
 
 pytest.importorskip("flax")
@@ -162,16 +163,20 @@ def test_calibrated_static_input_scales():
             dense = static[path[0]][path[1]][path[2]]
             assert float(dense["input_scale"]) == float(scales[path])
             assert "input_scale" not in dynamic[path[0]][path[1]][path[2]]
-        # One decode step: every projection quantizes its input with a static scale
-        # (one quantize, no amax pass), or with --dynamic-act-scale a dynamic one.
+        # One decode step: every projection is one GEMM that quantizes its input
+        # with the static scale (matmul's input_scale: no quantize op, no amax
+        # pass), or with --dynamic-act-scale a dynamic quantize then the GEMM.
         cache, tok, pos = decode.init_cache(cfg, 2, 8), tokens[:2, :1], jnp.array([3])
         for p, is_static in ((static, True), (dynamic, False)):
             model = decode.Decoder(cfg, "w4a4", static_input_scale=is_static)
             jaxpr = jax.make_jaxpr(lambda p, c, m=model: m.apply({"params": p}, tok, pos, c))(p, cache)
-            eqns = list(_eqns(jaxpr.jaxpr))
-            assert len(eqns) == 4 * cfg.layers
-            assert all(e.params["dynamic"] is (not is_static) for e in eqns)
-            assert all(len(e.invars) == 1 + is_static for e in eqns)  # x (+ g_a)
+            quantizes = list(_eqns(jaxpr.jaxpr))
+            modes = [e.params["mode"] for e in _eqns(jaxpr.jaxpr, gemm_p)]
+            if is_static:
+                assert not quantizes and modes == ["w4a4_quantize_a"] * (4 * cfg.layers)
+            else:
+                assert len(quantizes) == 4 * cfg.layers and modes == ["w4a4"] * (4 * cfg.layers)
+                assert all(e.params["dynamic"] and len(e.invars) == 1 for e in quantizes)
         ref = _forward(cfg, params, tokens)
         cos = _cosine(_forward(cfg, static, tokens, "w4a4", static_input_scale=True), ref)
     assert cos > 0.9, cos

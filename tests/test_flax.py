@@ -119,6 +119,19 @@ def test_activation_layout_in_jaxpr(rng, m, threshold, layout):
     assert gemm["a_sf_layout"] is None and gemm["mode"] == "w4a16"
 
 
+@pytest.mark.parametrize("m,threshold,layout", [(1, 32, "8x4"), (33, 32, "128x4"), (7, 4, "128x4")])
+def test_static_input_scale_is_one_op(rng, m, threshold, layout):
+    """With a static input scale, W4A4 is one GEMM that quantizes its input (on the
+    GPU in the kernel for decode-size M), the layout still chosen by the threshold."""
+    _, params = _params(rng, 20, 48, input_scale=np.float32(0.01))
+    layer = Dense(20, mode="w4a4", static_input_scale=True, small_batch_threshold=threshold)
+    x = jnp.asarray(rng.standard_normal((m, 48)), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(layer.apply)(params, x)
+    (gemm,) = _gemm_params(jaxpr)
+    assert gemm["mode"] == "w4a4_quantize_a" and gemm["a_sf_layout"] == layout
+    assert not any(e.primitive.name == "jaxfp4_quantize" for e in jaxpr.jaxpr.eqns)
+
+
 def test_vmap(rng):
     x = jnp.asarray(rng.standard_normal((3, 5, 48)), jnp.bfloat16)
     w, params = _params(rng, 20, 48)

@@ -22,6 +22,7 @@ import pytest
 import jaxfp4
 from jaxfp4 import format as fmt
 from jaxfp4 import packing
+from jaxfp4.primitives.gemm import quantize_a_fits
 
 import oracle
 from data import random_matrix
@@ -203,6 +204,60 @@ def test_w4a4_batched(rng, packed):
                    b_lead=b_lead, out_dtype=np.float32)
 
 
+# ---- W4A4 with the activations quantized in the kernel ------------------------------------
+
+def ffi_w4a4_quantize_a(a, a_g, b_data, b_scales, b_g, n, *, layout, out_dtype):
+    """jaxfp4_gemm_w4a4_quantize_a on the GPU: bf16 a [*La, M, K], packed weights."""
+    lead = np.broadcast_shapes(a_g.shape, b_g.shape)
+    pd, ps = _pack(b_data, b_scales, layout)
+    call = jax.ffi.ffi_call("jaxfp4_gemm_w4a4_quantize_a", jax.ShapeDtypeStruct((*lead, a.shape[-2], n), out_dtype))
+    return np.asarray(call(_dev(a), _dev(a_g), _dev(pd), _dev(ps.view(F8)), _dev(b_g),
+                           b_sf_layout=np.int32(fmt.SF_LAYOUT_IDS[layout]), b_packing=np.int32(1)))
+
+
+def check_w4a4_quantize_a(rng, m, n, k, *, layout="128x4", out_dtype=np.float32, a_lead=(), b_lead=()):
+    """Bit for bit the quantize kernel then the W4A4 kernel, and close to float64."""
+    a = random_matrix(rng, (*a_lead, m, k), np.float32, spread=4).astype(BF16)
+    amax = np.abs(a.astype(np.float32)).reshape(*a_lead, -1).max(-1) if a_lead else np.abs(a.astype(np.float32)).max()
+    g_a = (np.asarray(amax, np.float32) / 2688 * rng.uniform(0.5, 2.0, size=a_lead)).astype(np.float32)
+    bd, bs, bg = random_nvfp4(rng, b_lead, n, k, layout, g_exp=(-12, -9))
+    out = ffi_w4a4_quantize_a(a, g_a, bd, bs, bg, n, layout=layout, out_dtype=out_dtype)
+    assert jaxfp4.backend_info()["kernels_run"]["gemm"] == "sm90_gemm_small_m_w4a4_n8_packed_quantize_a"
+    q = jaxfp4.quantize(_dev(a), _dev(g_a), sf_layout="8x4")
+    ad, as_ = np.asarray(q.data), np.asarray(q.scales).view(np.uint8)
+    two_step = ffi_w4a4(ad, as_, g_a, bd, bs, bg, n, a_layout="8x4", layout=layout, packed=True,
+                        out_dtype=out_dtype)
+    np.testing.assert_array_equal(out.view(np.uint8), two_step.view(np.uint8))
+    g = g_a.astype(np.float32) * np.asarray(bg, np.float32)
+    ref, absref = oracle.gemm_f64(values_f64(ad, as_, "8x4"), values_f64(bd, bs, layout), g)
+    assert out.shape == ref.shape
+    assert_close(out, ref, absref, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", range(1, 9))
+def test_w4a4_quantize_a(rng, m):
+    """M = 1..8, K ragged (48, 272: a short last chunk), N not a multiple of 16, a
+    K that leaves the last ring item short (11008, M <= 3), every output dtype."""
+    shapes = [(200, 272), (37, 48), (1000, 4096)] + ([(24, 11008)] if m <= 3 else [])
+    for i, (n, k) in enumerate(shapes):
+        check_w4a4_quantize_a(rng, m, n, k, layout=LAYOUTS[i % 3], out_dtype=OUT_DTYPES[(m + i) % 3])
+
+
+@pytest.mark.gpu
+def test_w4a4_quantize_a_batched_and_limits(rng):
+    for a_lead, b_lead in (((3,), (1,)), ((2,), (2,))):
+        check_w4a4_quantize_a(rng, 5, 200, 272, a_lead=a_lead, b_lead=b_lead)
+    check_w4a4_quantize_a(rng, 2, 16, 20416)  # the largest K at M = 2 (80 KB of shared memory)
+    a, g = np.ones((9, 48), BF16), np.ones((), np.float32)
+    bd, bs, bg = random_nvfp4(rng, (), 40, 48, "linear")
+    with pytest.raises(Exception, match="M <= 8"):
+        ffi_w4a4_quantize_a(a, g, bd, bs, bg, 40, layout="linear", out_dtype=np.float32)
+    with pytest.raises(Exception, match="M <= 8"):
+        ffi_w4a4_quantize_a(np.ones((3, 20480), BF16), g, *random_nvfp4(rng, (), 16, 20480, "linear"), 16,
+                            layout="linear", out_dtype=np.float32)
+
+
 # ---- edge cases -------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -237,6 +292,11 @@ def test_every_output_written_after_nan_buffer(rng):
         junk.block_until_ready()
         junk.delete()
         check_w4a4(rng, m, n, k, a_layout="linear", layout="8x4", packed=packed, out_dtype=np.float32)
+        if packed and m <= 8:
+            junk = jnp.full((64 << 20,), jnp.nan, jnp.float32, device=_gpu())
+            junk.block_until_ready()
+            junk.delete()
+            check_w4a4_quantize_a(rng, m, n, k, out_dtype=np.float32)
 
 
 @pytest.mark.gpu
@@ -280,6 +340,26 @@ def test_matmul_api(rng, prepared):
         ref, absref = oracle.gemm_f64(av, wv, np.asarray(aq.global_scale) * g)
         assert_close(out, ref, absref, k)
         assert jaxfp4.backend_info()["kernels_run"]["gemm"].startswith("sm90_gemm_small_m_w4a4")
+
+
+@pytest.mark.gpu
+def test_matmul_input_scale(rng):
+    """matmul(a, w, input_scale=g) == matmul(quantize(a, g), w) on the GPU: the
+    in-kernel quantization for bf16 a, prepared weights and M <= 8 that fit,
+    the quantize kernel then the W4A4 kernel otherwise."""
+    for n, k, ms in ((1000, 272, (1, 7, 8, 9, 33)), (40, 14336, (1, 2, 3))):
+        wq = jaxfp4.prepare_weights(jaxfp4.quantize(_dev(random_matrix(rng, (n, k), np.float32))))
+        for m in ms:
+            a = _dev(random_matrix(rng, (m, k), np.float32).astype(BF16))
+            g = jnp.float32(np.abs(np.asarray(a, np.float32)).max() / 2688)
+            got = jax.jit(lambda a, w, g: jaxfp4.matmul(a, w, input_scale=g, out_dtype=jnp.float32))(a, wq, g)
+            fused = quantize_a_fits(m, k, jnp.bfloat16, "sm90")
+            assert fused == (m <= 8 and (k == 272 or m <= 2))
+            kernel = jaxfp4.backend_info()["kernels_run"]["gemm"]
+            assert kernel.endswith("_quantize_a") == fused, (m, k, kernel)
+            want = jaxfp4.matmul(jaxfp4.quantize(a, g, sf_layout="8x4" if m <= 32 else "128x4"), wq,
+                                 out_dtype=jnp.float32)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 # ---- packing (CPU) --------------------------------------------------------------------------

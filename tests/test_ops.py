@@ -129,6 +129,62 @@ def test_matmul_batched_and_broadcast(rng):
     oracle.assert_gemm_close(out, *oracle.gemm_f64(x.astype(np.float64), _values(w), np.asarray(w.global_scale)), k)
 
 
+def _bits(x):
+    return np.asarray(x).view(np.uint8)
+
+
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 33])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "prepared"])
+def test_matmul_input_scale_is_quantize_then_matmul(rng, m, packed):
+    """matmul(a, w, input_scale=g) is exactly matmul(quantize(a, g), w): any float a, any M."""
+    for i, (n, k) in enumerate(((37, 48), (20, 272), (1, 16))):
+        w = _weights(rng, (n, k), fmt.SF_LAYOUTS[i % 3])
+        w = jaxfp4.prepare_weights(w) if packed else w
+        for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+            a = random_matrix(rng, (m, k), spread=2).astype(dtype)
+            g = np.float32(np.abs(np.asarray(a, np.float32)).max() / 2688 * rng.uniform(0.5, 2))
+            got = jax.jit(lambda a, w, g: jaxfp4.matmul(a, w, input_scale=g, out_dtype=jnp.float32))(a, w, g)
+            want = jaxfp4.matmul(jaxfp4.quantize(a, g, sf_layout="8x4"), w, out_dtype=jnp.float32)
+            np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def test_matmul_input_scale_batched_vmap_and_jaxpr(rng):
+    k = 48
+    w = _weights(rng, (6, k))
+    x = random_matrix(rng, (2, 3, 5, k)).astype(ml_dtypes.bfloat16)
+    # one g: a's batch axes fold into M (one GEMM of 30 rows, 8x4 scales where quantized on its own)
+    got = jaxfp4.matmul(x, w, input_scale=0.01)
+    want = jaxfp4.matmul(jaxfp4.quantize(x.reshape(30, k), 0.01, sf_layout="8x4"), w).reshape(2, 3, 5, 6)
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+    (eqn,) = [e for e in jax.make_jaxpr(lambda x: jaxfp4.matmul(x, w, input_scale=0.01))(x).eqns
+              if e.primitive.name == "jaxfp4_gemm"]
+    assert eqn.params["mode"] == "w4a4_quantize_a" and eqn.params["a_sf_layout"] == "8x4"
+    # a g per batch entry, broadcast weights [2, 1, 6, K]
+    wb = _weights(rng, (2, 1, 6, k))
+    g = np.array([[0.01], [0.02]], np.float32)
+    got = jaxfp4.matmul(x, wb, input_scale=g, input_sf_layout="128x4")
+    want = jaxfp4.matmul(jaxfp4.quantize(x, np.broadcast_to(g, (2, 3)), sf_layout="128x4"), wb)
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+    # jax.vmap: each example quantized with the same g
+    got = jax.vmap(lambda xi: jaxfp4.matmul(xi, w, input_scale=0.01))(x[0])
+    np.testing.assert_array_equal(_bits(got), _bits(jaxfp4.matmul(x[0], w, input_scale=0.01)))
+
+
+def test_matmul_input_scale_errors(rng):
+    w = _weights(rng, (6, 48))
+    x = random_matrix(rng, (4, 48))
+    with pytest.raises(ValueError, match="already an NVFP4Tensor"):
+        jaxfp4.matmul(jaxfp4.quantize(x), w, input_scale=0.1)
+    with pytest.raises(ValueError, match="needs input_scale"):
+        jaxfp4.matmul(x, w, input_sf_layout="8x4")
+    with pytest.raises(ValueError, match="input_sf_layout"):
+        jaxfp4.matmul(x, w, input_scale=0.1, input_sf_layout="4x4")
+    with pytest.raises(ValueError, match="input_scale must be a scalar or have the leading batch shape"):
+        jaxfp4.matmul(x, w, input_scale=np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="input_scale must be a float32 scalar"):
+        jaxfp4.matmul(x, w, input_scale=np.int32(1))
+
+
 def test_with_sf_layout_is_exact(rng):
     x = random_matrix(rng, (2, 33, 80))
     t = jaxfp4.quantize(x, sf_layout="128x4")

@@ -1,14 +1,20 @@
 """gemm_p: out [*L, M, N] = A [*La, M, K] @ B [*Lb, N, K]^T with NVFP4 scaling.
 
 Operands: mode "w4a4": (a_data, a_scales, a_g, b_data, b_scales, b_g);
-mode "w4a16": (a, b_data, b_scales, b_g). Leading batch axes have equal rank
-and broadcast (each dim equal or 1). Params: mode, a_sf_layout (None for
-w4a16), b_sf_layout, b_packing (None or a jaxfp4.packing name), b_shape (the
-logical (N, K) of b), out_dtype.
+mode "w4a16": (a, b_data, b_scales, b_g); mode "w4a4_quantize_a": (a, a_g,
+b_data, b_scales, b_g), W4A4 with a [..., M, K] quantized with decode scale
+a_g first (exactly quantize(a, a_g) then mode "w4a4"). Leading batch axes have
+equal rank and broadcast (each dim equal or 1). Params: mode, a_sf_layout
+(w4a4: a's; w4a4_quantize_a: the layout a is quantized into where that is a
+separate step; None for w4a16), b_sf_layout, b_packing (None or a
+jaxfp4.packing name), b_shape (the logical (N, K) of b), out_dtype.
 
 Kernel choice (cuda): the small-M FFI kernel for M <= SMALL_M_MAX tokens;
 beyond that, until a large-M kernel lands, XLA's bf16/f16 GEMM on exactly
 dequantized operands (exact products, float32 accumulation: the same function).
+w4a4_quantize_a runs as one kernel that quantizes a itself where `quantize_a_fits`
+(bf16 a, sm90-packed weights, M <= 8, a's rows in QA_MAX_BYTES of shared
+memory), else as the quantize kernel then the w4a4 GEMM.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from jax.core import ShapedArray
 from jaxfp4 import format as fmt
 from jaxfp4 import packing, reference
 from jaxfp4.primitives import _common
+from jaxfp4.primitives.quantize import quantize_p
 
 gemm_p = _common.define("jaxfp4_gemm")
 
@@ -28,8 +35,23 @@ SMALL_M_MAX = 32  # the small-M kernel's design point (decode batch sizes)
 PACKING_IDS = {None: 0, "sm90": packing.PACKING_SM90}
 
 
+# In-kernel activation quantization (csrc/cuda/sm90/gemm_small_m_packed.cuh,
+# kQaMaxBytes and qa_row_bytes): min(M, 8) rows of K (rounded up to 64) bf16
+# plus 16 bytes each, in at most this much shared memory.
+QA_MAX_BYTES = 80 * 1024
+QA_MAX_M = 8
+_N_A = {"w4a4": 3, "w4a16": 1, "w4a4_quantize_a": 2}  # operands of the activation group
+
+
 def _split(args, mode):
-    return (args[:3], args[3:]) if mode == "w4a4" else (args[:1], args[1:])
+    return args[:_N_A[mode]], args[_N_A[mode]:]
+
+
+def quantize_a_fits(m: int, k: int, a_dtype, b_packing) -> bool:
+    """Whether the CUDA kernel quantizes activations [M, K] of a_dtype itself."""
+    row = -(-k // 64) * 64 * 2 + 16
+    return (b_packing == "sm90" and np.dtype(a_dtype) == np.dtype(jnp.bfloat16) and m <= QA_MAX_M
+            and min(m, QA_MAX_M) * row <= QA_MAX_BYTES)
 
 
 def _abstract_eval(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
@@ -46,7 +68,18 @@ def _plain_b(b_data, b_scales, *, b_packing, b_shape, b_sf_layout):
     return packing.unpack_weights(b_data, b_scales, b_shape[0], b_shape[1], b_sf_layout)
 
 
+def _quantize_then_gemm(a, a_g, *b_group, **params):
+    """w4a4_quantize_a as two ops: quantize a (a_sf_layout), then the w4a4 GEMM."""
+    data, scales = quantize_p.bind(a, a_g, sf_layout=params["a_sf_layout"], dynamic=False)
+    return gemm_p.bind(data, scales, a_g, *b_group, **{**params, "mode": "w4a4"})
+
+
 def _reference(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
+    if mode == "w4a4_quantize_a":
+        a, a_g, *b_group = args
+        data, scales, _ = reference.quantize(a, a_g, sf_layout=a_sf_layout)
+        args = (data, scales, a_g, *b_group)
+        mode = "w4a4"
     a_group, (b_data, b_scales, b_g) = _split(args, mode)
     b_data, b_scales = _plain_b(b_data, b_scales, b_packing=b_packing, b_shape=b_shape,
                                 b_sf_layout=b_sf_layout)
@@ -79,13 +112,18 @@ def _xla_dequant_dot(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, 
 
 def _unpack_then_gemm(*args, **params):
     """Pre-packed weights on a platform whose handler takes plain ones."""
-    n_a = 3 if params["mode"] == "w4a4" else 1
+    n_a = _N_A[params["mode"]]
     b_data, b_scales = _plain_b(*args[n_a:n_a + 2], b_packing=params["b_packing"],
                                 b_shape=params["b_shape"], b_sf_layout=params["b_sf_layout"])
     return gemm_p.bind(*args[:n_a], b_data, b_scales, args[-1], **{**params, "b_packing": None})
 
 
 def _choose(platform, avals_in, params):
+    if params["mode"] == "w4a4_quantize_a":
+        m, k = avals_in[0].shape[-2:]
+        if platform == "cuda" and quantize_a_fits(m, k, avals_in[0].dtype, params["b_packing"]):
+            return None
+        return "quantize + gemm", _quantize_then_gemm
     if platform != "cuda":
         return ("unpack + gemm", _unpack_then_gemm) if params["b_packing"] is not None else None
     m = avals_in[0].shape[-2]
@@ -102,12 +140,14 @@ def _native(platform, params):
     if params["mode"] == "w4a4":
         attrs["a_sf_layout"] = _common.i32(fmt.SF_LAYOUT_IDS[params["a_sf_layout"]])
         return "jaxfp4_gemm_w4a4", attrs
+    if params["mode"] == "w4a4_quantize_a":
+        return "jaxfp4_gemm_w4a4_quantize_a", attrs
     return "jaxfp4_gemm_w4a16", attrs
 
 
 def _batch(args, dims, **params):
     size = _common.batch_size(args, dims)
-    n_a = 3 if params["mode"] == "w4a4" else 1
+    n_a = _N_A[params["mode"]]
     a = _common.batch_group(args[:n_a], dims[:n_a], size)
     b = _common.batch_group(args[n_a:], dims[n_a:], size)
     return gemm_p.bind(*a, *b, **params), [0]
