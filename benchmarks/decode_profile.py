@@ -29,32 +29,32 @@ import decode  # noqa: E402  (examples/decode.py: generate loop and buffers)
 from llama import CONFIGS, Decoder, calibrate, nvfp4_params, random_params  # noqa: E402
 
 
-def gpu_kernels(trace_dir: str) -> dict[str, list[float]]:
-    """kernel name -> durations (us), in start-time order, of the GPU activity in
-    the trace under trace_dir."""
+def gpu_events(trace_dir: str) -> list[tuple[int, str, float]]:
+    """(start ns, kernel name, duration us) of the GPU activity in the trace under
+    trace_dir, in start order."""
     files = list(Path(trace_dir).rglob("*.xplane.pb"))
-    events: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     if not files:
-        return {}
+        return []
     data = jax.profiler.ProfileData.from_file(str(files[0]))
+    events = []
     for plane in data.planes:
         if plane.name.startswith("/device:GPU"):
             for line in plane.lines:
                 if "Stream" in line.name:
-                    for e in line.events:
-                        events[e.name].append((e.start_ns, e.duration_ns / 1e3))
-    return {name: [d for _, d in sorted(ev)] for name, ev in events.items()}
+                    events += [(e.start_ns, e.name, e.duration_ns / 1e3) for e in line.events]
+    return sorted(events)
 
 
-def gemm_roles(kernels: dict[str, list[float]], n_tokens: int, layers: int) -> list[tuple[str, float]]:
+def gemm_roles(events: list[tuple[int, str, float]], n_tokens: int, layers: int) -> list[tuple[str, float]]:
     """Median time (us) of each NVFP4 GEMM of a token by its place in the layer
     (qkv, o, gate_up, down; then the lm_head), from the jaxfp4 GEMM launches in
-    start order: a token runs 4 per layer and one lm_head (fused projections)."""
+    start order (whatever kernel each ran): a token runs 4 per layer and one
+    lm_head (fused projections). Empty if the launches do not add up to that."""
     per_token = 4 * layers + 1
-    times = [d for name, ds in kernels.items() if "sm90_gemm" in name for d in ds]
+    times = [d for _, name, d in events if "sm90_gemm" in name]
     if not times or len(times) != per_token * n_tokens:
         return []
-    kinds = [[] for _ in range(5)]
+    kinds: list[list[float]] = [[] for _ in range(5)]
     for i, d in enumerate(times):
         pos = i % per_token
         kinds[4 if pos == per_token - 1 else pos % 4].append(d)
@@ -104,12 +104,15 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 jax.block_until_ready(run(params, *state, i32(start), i32(start), i32(start + n)))
                 wall = time.perf_counter() - t0
-            kernels = gpu_kernels(d)
+            events = gpu_events(d)
+        kernels: dict[str, list[float]] = collections.defaultdict(list)
+        for _, name, us in events:
+            kernels[name].append(us)
         busy = sum(sum(v) for v in kernels.values())
         count = sum(len(v) for v in kernels.values())
         print(f"\n## {lin}, batch {b}: wall {1e3 * wall / n:.3f} ms/token (profiled); "
               f"GPU busy {busy / n / 1e3:.3f} ms/token; {count / n:.0f} kernels/token")
-        roles = gemm_roles(kernels, n, cfg.layers) if lin != "bf16" else []
+        roles = gemm_roles(events, n, cfg.layers) if lin != "bf16" else []
         if roles:
             print("  NVFP4 GEMMs, median us by projection: " + ", ".join(f"{r} {us:.2f}" for r, us in roles))
         for name, us in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:args.top]:

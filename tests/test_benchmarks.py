@@ -153,3 +153,22 @@ def test_decode_profile_smoke(capsys):
     out = capsys.readouterr().out
     assert "## bf16, batch 1: wall" in out and "## w4a16, batch 1: wall" in out
     assert "kernels/token" in out  # the GPU columns are there (zero on the CPU)
+
+
+def test_decode_profile_gemm_roles():
+    """The GEMM launches of a token, in start order whatever kernel each ran, by projection."""
+    sys.path.insert(0, str(BENCH))
+    prof = importlib.import_module("decode_profile")
+    layers, tokens = 2, 3
+    events, t = [], 0
+    for _ in range(tokens):
+        for _ in range(layers):
+            for us, name in ((1.0, "quantize_a"), (2.0, "quantize_a"), (3.0, "quantize_a"), (4.0, "quantize_a")):
+                events.append((t, f"void jaxfp4::sm90_gemm::gemm_packed_kernel<{name}>", us))
+                events.append((t + 1, "loop_add_fusion", 0.5))
+                t += 2
+        events.append((t, "void jaxfp4::sm90_gemm::gemm_packed_kernel<w4a16>", 9.0))
+        t += 1
+    roles = dict(prof.gemm_roles(sorted(events), tokens, layers))
+    assert roles == {"qkv_proj": 1.0, "o_proj": 2.0, "gate_up_proj": 3.0, "down_proj": 4.0, "lm_head": 9.0}
+    assert prof.gemm_roles(events[:-1], tokens, layers) == []  # a launch missing: no attribution
