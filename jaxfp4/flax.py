@@ -152,7 +152,9 @@ class Dense(nn.Module):
       weight_packing: None (params in checkpoint order) or "sm90" (params in
         `jaxfp4.prepare_weights`' order, which the GPU kernel reads fastest).
       static_input_scale: w4a4 only: True quantizes activations with the
-        `input_scale` param as g_a, False with a dynamic global scale.
+        `input_scale` param as g_a (one `matmul(x, w, input_scale=g_a)`: on
+        the GPU, for M <= 8 and prepared weights, the GEMM kernel quantizes x
+        itself), False with a dynamic global scale (a quantize, then the GEMM).
       kernel_init: the float kernel initializer used by `.init` ([K, N]).
       bias_init: the bias initializer.
     """
