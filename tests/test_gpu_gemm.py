@@ -245,6 +245,24 @@ def test_w4a4_quantize_a(rng, m):
 
 
 @pytest.mark.gpu
+def test_w4a4_quantize_a_nan_inf(rng):
+    """NaN and Inf activations (the quantize kernel's exact path) give the same bits
+    as quantize then W4A4: a NaN block has a NaN scale (its row's outputs NaN); an
+    Inf block saturates (scale 448, the Inf element code 6: finite outputs)."""
+    m, n, k = 6, 200, 272
+    a = random_matrix(rng, (m, k), np.float32).astype(BF16)
+    a[1, 5], a[3, 100], a[4, 200] = np.nan, np.inf, -np.inf
+    g_a = np.float32(np.abs(a[np.isfinite(a)].astype(np.float32)).max() / 2688)
+    bd, bs, bg = random_nvfp4(rng, (), n, k, "linear", g_exp=(-12, -9))
+    out = ffi_w4a4_quantize_a(a, g_a, bd, bs, bg, n, layout="linear", out_dtype=np.float32)
+    q = jaxfp4.quantize(_dev(a), _dev(g_a), sf_layout="8x4")
+    two_step = ffi_w4a4(np.asarray(q.data), np.asarray(q.scales).view(np.uint8), g_a, bd, bs, bg, n,
+                        a_layout="8x4", layout="linear", packed=True, out_dtype=np.float32)
+    np.testing.assert_array_equal(out.view(np.uint32), two_step.view(np.uint32))
+    assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2, 3, 4, 5]]).all()
+
+
+@pytest.mark.gpu
 def test_w4a4_quantize_a_batched_and_limits(rng):
     for a_lead, b_lead in (((3,), (1,)), ((2,), (2,))):
         check_w4a4_quantize_a(rng, 5, 200, 272, a_lead=a_lead, b_lead=b_lead)

@@ -407,6 +407,33 @@ __global__ void fill_bf16(uint16_t* p, size_t n, uint64_t seed) {
   }
 }
 
+// Distinct copies of a packed weight (T tiles, Kp padded K) filled with random
+// bytes: at least 3 and more than `min_bytes` in all, so that the timed loop
+// reads them from DRAM.
+struct WeightCopies {
+  std::vector<uint8_t*> W, S;
+  size_t wbytes, sbytes;
+  WeightCopies(int T, int Kp, size_t min_bytes)
+      : wbytes(static_cast<size_t>(T) * 8 * Kp), sbytes(static_cast<size_t>(T) * Kp) {
+    const int n = std::max<int>(3, static_cast<int>(min_bytes / (wbytes + sbytes)) + 1);
+    W.resize(n);
+    S.resize(n);
+    for (int c = 0; c < n; ++c) {
+      CK(cudaMalloc(&W[c], wbytes));
+      CK(cudaMalloc(&S[c], sbytes));
+      fill_kernel<<<1024, 256>>>(W[c], wbytes, 77 + c, 0);
+      fill_kernel<<<1024, 256>>>(S[c], sbytes, 99 + c, 1);
+    }
+  }
+  ~WeightCopies() {
+    for (size_t c = 0; c < W.size(); ++c) {
+      cudaFree(W[c]);
+      cudaFree(S[c]);
+    }
+  }
+  int count() const { return static_cast<int>(W.size()); }
+};
+
 struct BenchShape {
   int N, K;
 };
@@ -441,16 +468,10 @@ static void bench(bool quick) {
   for (const BenchShape& s : shapes) {
     const int N = s.N, K = s.K, C = K / 16;
     const int T = (N + 15) / 16, Kp = (K + 63) / 64 * 64;
-    const size_t wbytes = static_cast<size_t>(T) * 8 * Kp, sbytes = static_cast<size_t>(T) * Kp;
-    const size_t per = wbytes + sbytes;
-    const int copies = std::max<int>(3, static_cast<int>((160ull << 20) / per) + 1);
-    std::vector<uint8_t*> W(copies), S(copies);
-    for (int c = 0; c < copies; ++c) {
-      CK(cudaMalloc(&W[c], wbytes));
-      CK(cudaMalloc(&S[c], sbytes));
-      fill_kernel<<<1024, 256>>>(W[c], wbytes, 77 + c, 0);
-      fill_kernel<<<1024, 256>>>(S[c], sbytes, 99 + c, 1);
-    }
+    const WeightCopies wc(T, Kp, 160ull << 20);
+    const size_t wbytes = wc.wbytes, sbytes = wc.sbytes, per = wbytes + sbytes;
+    const int copies = wc.count();
+    const std::vector<uint8_t*>&W = wc.W, &S = wc.S;
     // one contiguous buffer per copy for the floor: data + scales read separately
     uint16_t* A;
     uint8_t *A4, *A4s;
@@ -566,10 +587,6 @@ static void bench(bool quick) {
         table.push_back(line);
       }
     }
-    for (int c = 0; c < copies; ++c) {
-      cudaFree(W[c]);
-      cudaFree(S[c]);
-    }
     cudaFree(A);
     cudaFree(A4);
     cudaFree(A4s);
@@ -580,6 +597,23 @@ static void bench(bool quick) {
   for (auto& l : table) printf("%s\n", l.c_str());
 }
 
+
+// A W4A16 launch (bf16 a, one batch entry, bf16 out, weights with LINEAR scales
+// when plain) for the timing modes; the caller sets b / b_sf.
+static Launch w4a16_launch(const void* a, const float* g, void* out, bool packed) {
+  Launch L;
+  L.p.a = a;
+  L.p.b_g = g;
+  L.p.out = out;
+  L.p.out_type = kOutBF16;
+  L.p.b_sf_layout = 0;
+  L.p.b_sf_cstride = 4;
+  const int64_t d1[1] = {1};
+  make_batch_map(d1, d1, 0, &L.p.map);
+  L.batch = 1;
+  L.packed = packed;
+  return L;
+}
 
 // ---- L2 prefetch experiment (decode: weights prefetched into L2 during the
 // small kernels between GEMMs, when DRAM is idle) ----
@@ -621,15 +655,9 @@ static void prefetch_exp() {
   for (size_t si = 0; si + 1 < sv.size(); si += 2) {
     const int N = sv[si], K = sv[si + 1], C = K / 16;
     const int T = (N + 15) / 16, Kp = (K + 63) / 64 * 64;
-    const size_t wbytes = static_cast<size_t>(T) * 8 * Kp, sbytes = static_cast<size_t>(T) * Kp;
-    const int copies = std::max<int>(3, static_cast<int>((400ull << 20) / (wbytes + sbytes)) + 1);
-    std::vector<uint8_t*> W(copies), S(copies);
-    for (int c = 0; c < copies; ++c) {
-      CK(cudaMalloc(&W[c], wbytes));
-      CK(cudaMalloc(&S[c], sbytes));
-      fill_kernel<<<1024, 256>>>(W[c], wbytes, 77 + c, 0);
-      fill_kernel<<<1024, 256>>>(S[c], sbytes, 99 + c, 1);
-    }
+    const WeightCopies wc(T, Kp, 400ull << 20);
+    const int copies = wc.count();
+    const std::vector<uint8_t*>&W = wc.W, &S = wc.S;
     uint16_t* A;
     CK(cudaMalloc(&A, static_cast<size_t>(32) * K * 2));
     fill_bf16<<<256, 256>>>(A, static_cast<size_t>(32) * K, 5);
@@ -643,17 +671,7 @@ static void prefetch_exp() {
     const int ctas = static_cast<int>(std::min<int64_t>(groups, jaxfp4::sm_count()));
     for (int M : Ms)
       for (int f : fr) {
-        Launch L;
-        L.p.a = A;
-        L.p.b_g = dg;
-        L.p.out = out;
-        L.p.out_type = kOutBF16;
-        L.p.b_sf_layout = 0;
-        L.p.b_sf_cstride = 4;
-        const int64_t d1[1] = {1};
-        make_batch_map(d1, d1, 0, &L.p.map);
-        L.batch = 1;
-        L.packed = true;
+        Launch L = w4a16_launch(A, dg, out, true);
         double total = 0;
         const int iters = 3 * copies + 30;
         for (int i = 0; i < iters; ++i) {
@@ -673,10 +691,6 @@ static void prefetch_exp() {
         }
         printf("%5dx%-6d %4d %5d%% %9.2f\n", N, K, M, f, 1000 * total / (iters - copies));
       }
-    for (int c = 0; c < copies; ++c) {
-      cudaFree(W[c]);
-      cudaFree(S[c]);
-    }
     cudaFree(A);
     cudaFree(dg);
     cudaFree(out);
@@ -703,19 +717,9 @@ static void one(int N, int K, int M, int kind) {
   fill_bf16<<<256, 256>>>(A, static_cast<size_t>(M) * K, 5);
   const float one = 1.0f / 64;
   CK(cudaMemcpy(dg, &one, 4, cudaMemcpyHostToDevice));
-  Launch L;
-  L.p.a = A;
+  Launch L = w4a16_launch(A, dg, out, kind == 0);
   L.p.b = W;
   L.p.b_sf = S;
-  L.p.b_g = dg;
-  L.p.out = out;
-  L.p.out_type = kOutBF16;
-  L.p.b_sf_layout = 0;
-  L.p.b_sf_cstride = 4;
-  const int64_t d1[1] = {1};
-  make_batch_map(d1, d1, 0, &L.p.map);
-  L.batch = 1;
-  L.packed = kind == 0;
   for (int i = 0; i < 5; ++i)
     if (finish(L, M, N, K, 0).failure()) exit(1);
   CK(cudaDeviceSynchronize());

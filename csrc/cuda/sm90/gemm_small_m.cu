@@ -510,6 +510,52 @@ ffi::Error check_out(const ffi::AnyBuffer& out, int nl, int64_t M, const BatchMa
   return ffi::Error::Success();
 }
 
+// Validates the weights and out against a's dims `ad` (nl batch axes, M rows,
+// K), N taken from out; fills L's weight, out and batch-map fields.
+ffi::Error check_b_and_out(Dims ad, int nl, int64_t M, int64_t K, const ffi::AnyBuffer& b_data,
+                           const ffi::AnyBuffer& b_scales, const ffi::AnyBuffer& b_g, int32_t b_sf_layout,
+                           int32_t b_packing, const ffi::AnyBuffer& out, Launch* L, int64_t* N) {
+  const Dims od = out.dimensions();
+  if (static_cast<int>(od.size()) != nl + 2) return bad("out must have the rank of a");
+  *N = od[nl + 1];
+  int64_t b_lead[kMaxBatchRank] = {};
+  if (auto e = check_weights(b_data, b_scales, b_g, b_sf_layout, b_packing, nl, *N, K, L, b_lead); e.failure())
+    return e;
+  BatchMap map;
+  if (!make_batch_map(ad.begin(), b_lead, nl, &map)) return bad("the batch axes of a and b do not broadcast");
+  int64_t n_out = 0;
+  if (auto e = check_out(out, nl, M, map, L, &n_out); e.failure()) return e;
+  L->p.map = map;
+  return ffi::Error::Success();
+}
+
+// The dims of a 16-bit activation operand a [*La, M, K]: its batch rank, M and K.
+ffi::Error act_dims(Dims ad, int* nl, int64_t* M, int64_t* K) {
+  if (ad.size() < 2) return bad("a must have rank >= 2 ([*L, M, K])");
+  *nl = static_cast<int>(ad.size()) - 2;
+  if (*nl > kMaxBatchRank) return bad("too many batch axes");
+  *M = ad[*nl];
+  *K = ad[*nl + 1];
+  if (*K % 16 != 0) return bad("K must be a multiple of 16");
+  return ffi::Error::Success();
+}
+
+// The 16-bit activation fields of L (no activation scales).
+void set_act(const ffi::AnyBuffer& a, int64_t M, int64_t K, const float* a_g, Launch* L) {
+  L->p.a = a.untyped_data();
+  L->p.a_stride = M * K;
+  L->p.a_sf = nullptr;
+  L->p.a_g = a_g;
+}
+
+// a_g: F32 with a's batch dims.
+ffi::Error check_a_g(const ffi::AnyBuffer& a_g, Dims ad, int nl) {
+  const Dims gd = a_g.dimensions();
+  bool ok = a_g.element_type() == ffi::DataType::F32 && static_cast<int>(gd.size()) == nl;
+  for (int i = 0; ok && i < nl; ++i) ok = gd[i] == ad[i];
+  return ok ? ffi::Error::Success() : bad("a_g must be F32 [*La], got " + dims_str(gd));
+}
+
 ffi::Error finish(Launch& L, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
   if (M > 0x7FFFFFFF || N > 0x7FFFFFF0 || K > 0x7FFFFFF0) return bad("dimensions too large");
   L.p.M = static_cast<int32_t>(M);
@@ -531,7 +577,9 @@ ffi::Error GemmW4A16Impl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b
                          int32_t b_packing) {
   Launch L;
   const Dims ad = a.dimensions();
-  if (ad.size() < 2) return bad("a must have rank >= 2 ([*L, M, K])");
+  int nl = 0;
+  int64_t M = 0, K = 0, N = 0;
+  if (auto e = act_dims(ad, &nl, &M, &K); e.failure()) return e;
   if (a.element_type() == ffi::DataType::BF16) {
     L.f16 = false;
   } else if (a.element_type() == ffi::DataType::F16) {
@@ -539,28 +587,12 @@ ffi::Error GemmW4A16Impl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b
   } else {
     return bad("a must be BF16 or F16 on CUDA");
   }
-  const int nl = static_cast<int>(ad.size()) - 2;
-  if (nl > kMaxBatchRank) return bad("too many batch axes");
-  const int64_t M = ad[nl], K = ad[nl + 1];
-  if (K % 16 != 0) return bad("K must be a multiple of 16");
   if (reinterpret_cast<uintptr_t>(a.untyped_data()) % 16 != 0) return bad("a is misaligned");
-  int64_t b_lead[kMaxBatchRank] = {};
-  // N comes from out; check out's shape first with a provisional batch map.
-  const Dims od = out->dimensions();
-  if (static_cast<int>(od.size()) != nl + 2) return bad("out must have the rank of a");
-  const int64_t N = od[nl + 1];
-  if (auto e = check_weights(b_data, b_scales, b_g, b_sf_layout, b_packing, nl, N, K, &L, b_lead); e.failure())
+  if (auto e = check_b_and_out(ad, nl, M, K, b_data, b_scales, b_g, b_sf_layout, b_packing, *out, &L, &N);
+      e.failure())
     return e;
-  BatchMap map;
-  if (!make_batch_map(ad.begin(), b_lead, nl, &map)) return bad("the batch axes of a and b do not broadcast");
-  int64_t n_out = 0;
-  if (auto e = check_out(*out, nl, M, map, &L, &n_out); e.failure()) return e;
   L.a4 = false;
-  L.p.map = map;
-  L.p.a = a.untyped_data();
-  L.p.a_stride = M * K;
-  L.p.a_sf = nullptr;
-  L.p.a_g = nullptr;
+  set_act(a, M, K, nullptr, &L);
   return finish(L, M, N, K, stream);
 }
 
@@ -582,25 +614,13 @@ ffi::Error GemmW4A4Impl(cudaStream_t stream, ffi::AnyBuffer a_data, ffi::AnyBuff
                       sf_cols(al, K / 16));
       e.failure())
     return e;
-  {
-    const Dims gd = a_g.dimensions();
-    bool ok = a_g.element_type() == ffi::DataType::F32 && static_cast<int>(gd.size()) == nl;
-    for (int i = 0; ok && i < nl; ++i) ok = gd[i] == ad[i];
-    if (!ok) return bad("a_g must be F32 [*La], got " + dims_str(gd));
-  }
+  if (auto e = check_a_g(a_g, ad, nl); e.failure()) return e;
   if (reinterpret_cast<uintptr_t>(a_data.untyped_data()) % 8 != 0) return bad("a_data is misaligned");
-  const Dims od = out->dimensions();
-  if (static_cast<int>(od.size()) != nl + 2) return bad("out must have the rank of a_data");
-  const int64_t N = od[nl + 1];
-  int64_t b_lead[kMaxBatchRank] = {};
-  if (auto e = check_weights(b_data, b_scales, b_g, b_sf_layout, b_packing, nl, N, K, &L, b_lead); e.failure())
+  int64_t N = 0;
+  if (auto e = check_b_and_out(ad, nl, M, K, b_data, b_scales, b_g, b_sf_layout, b_packing, *out, &L, &N);
+      e.failure())
     return e;
-  BatchMap map;
-  if (!make_batch_map(ad.begin(), b_lead, nl, &map)) return bad("the batch axes of a and b do not broadcast");
-  int64_t n_out = 0;
-  if (auto e = check_out(*out, nl, M, map, &L, &n_out); e.failure()) return e;
   L.a4 = true;
-  L.p.map = map;
   L.p.a = a_data.untyped_data();
   L.p.a_stride = M * (K / 2);
   L.p.a_sf = static_cast<const uint8_t*>(a_scales.untyped_data());
@@ -620,39 +640,21 @@ ffi::Error GemmW4A4QuantizeAImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Any
                                  int32_t b_sf_layout, int32_t b_packing) {
   Launch L;
   const Dims ad = a.dimensions();
-  if (ad.size() < 2) return bad("a must have rank >= 2 ([*L, M, K])");
+  int nl = 0;
+  int64_t M = 0, K = 0, N = 0;
+  if (auto e = act_dims(ad, &nl, &M, &K); e.failure()) return e;
   if (a.element_type() != ffi::DataType::BF16) return bad("a must be BF16 (in-kernel activation quantization)");
-  const int nl = static_cast<int>(ad.size()) - 2;
-  if (nl > kMaxBatchRank) return bad("too many batch axes");
-  const int64_t M = ad[nl], K = ad[nl + 1];
-  if (K % 16 != 0) return bad("K must be a multiple of 16");
   if (b_packing != 1) return bad("in-kernel activation quantization needs sm90-packed weights (b_packing 1)");
   if (M > 8 || std::min<int64_t>(M, 8) * qa_row_bytes(K) > kQaMaxBytes)
-    return bad("in-kernel activation quantization needs M <= 8 and M * (K rounded up to 64) * 2 <= " +
-               std::to_string(kQaMaxBytes - 16 * 8) + " bytes");
+    return bad("in-kernel activation quantization needs M <= 8 and M * (2 * (K rounded up to 64) + 16) <= " +
+               std::to_string(kQaMaxBytes) + " bytes of shared memory");
   if (reinterpret_cast<uintptr_t>(a.untyped_data()) % 16 != 0) return bad("a is misaligned");
-  {
-    const Dims gd = a_g.dimensions();
-    bool ok = a_g.element_type() == ffi::DataType::F32 && static_cast<int>(gd.size()) == nl;
-    for (int i = 0; ok && i < nl; ++i) ok = gd[i] == ad[i];
-    if (!ok) return bad("a_g must be F32 [*La], got " + dims_str(gd));
-  }
-  const Dims od = out->dimensions();
-  if (static_cast<int>(od.size()) != nl + 2) return bad("out must have the rank of a");
-  const int64_t N = od[nl + 1];
-  int64_t b_lead[kMaxBatchRank] = {};
-  if (auto e = check_weights(b_data, b_scales, b_g, b_sf_layout, b_packing, nl, N, K, &L, b_lead); e.failure())
+  if (auto e = check_a_g(a_g, ad, nl); e.failure()) return e;
+  if (auto e = check_b_and_out(ad, nl, M, K, b_data, b_scales, b_g, b_sf_layout, b_packing, *out, &L, &N);
+      e.failure())
     return e;
-  BatchMap map;
-  if (!make_batch_map(ad.begin(), b_lead, nl, &map)) return bad("the batch axes of a and b do not broadcast");
-  int64_t n_out = 0;
-  if (auto e = check_out(*out, nl, M, map, &L, &n_out); e.failure()) return e;
   L.qa = true;
-  L.p.map = map;
-  L.p.a = a.untyped_data();
-  L.p.a_stride = M * K;
-  L.p.a_sf = nullptr;
-  L.p.a_g = static_cast<const float*>(a_g.untyped_data());
+  set_act(a, M, K, static_cast<const float*>(a_g.untyped_data()), &L);
   return finish(L, M, N, K, stream);
 }
 
