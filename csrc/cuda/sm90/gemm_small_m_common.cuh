@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../ptx.cuh"
 #include "jaxfp4/batch.h"
 #include "jaxfp4/format.h"
 
@@ -126,12 +127,6 @@ __device__ __forceinline__ uint32_t lds_u16(uint32_t a) {
   uint16_t v;
   asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(a) : "memory");
   return v;
-}
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
 }
 
 // Two E4M3 bytes (low byte first) -> f16x2, exact (NaN stays NaN).

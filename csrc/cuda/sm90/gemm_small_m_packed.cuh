@@ -101,13 +101,10 @@ __device__ __forceinline__ void qa_quantize_rows(const Params& p, int64_t ia, un
     if (c < C) {
       qb::Block16<__nv_bfloat16_raw> blk;
       blk.load(a, static_cast<uint32_t>(r * C + c));
-      // block_scale and block_output_scale of format.h, as quantize_kernel runs them.
+      // Exactly as quantize_kernel (block_scale, block_output_scale, the codes).
       const float vmax = blk.abs_max();
-      const uint32_t sf = qb::e4m3_encode_hw(gs * (vmax * recip6()));
-      const float os = sf == 0 ? 0.0f : __frcp_rn(qb::e4m3_decode_hw(sf) * inv_gs);
-      const bool finite = max(float_to_bits(vmax), float_to_bits(os)) < 0x7F800000u;
-      const uint2 q = finite ? make_uint2(qb::pack8_fast(blk, 0, os), qb::pack8_fast(blk, 8, os))
-                             : qb::pack16_exact(blk, os);
+      const uint32_t sf = qb::block_scale_hw(vmax, gs);
+      const uint2 q = qb::encode16(blk, vmax, qb::block_output_scale_hw(sf, inv_gs));
       // mma_chunk's W4A4 activation decoding: pairs (j, j+4) times SF 2^-7, then in order.
       uint32_t s0, s1;
       scale_pair<__nv_bfloat16>(sf, s0, s1);

@@ -14,20 +14,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../ptx.cuh"
 #include "jaxfp4/format.h"
 
 namespace jaxfp4 {
 namespace quantize_block {
 
 // ---- one scale block of 16 inputs, kept as the raw 32-bit words loaded ----
-
-// PTX prmt: byte n of the result is byte (sel >> 4n) & 7 of {b, a}; where bit 3
-// of that nibble is set, it is 0xFF or 0x00 by the sign bit of that byte.
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-  return r;
-}
 
 // The sign bits of 8 elements in their code positions (bit 4i + 3), from
 // `even` and `odd`: byte j of each is 0xFF where element 2j (2j + 1) is negative.
@@ -175,6 +168,26 @@ __device__ __forceinline__ uint2 pack16_exact(const B& blk, float os) {
 #pragma unroll
   for (int i = 0; i < 16; ++i) word[i / 8] |= e2m1_encode(__fmul_rn(blk.value(i), os)) << (4 * (i % 8));
   return make_uint2(word[0], word[1]);
+}
+
+// ---- one block, in format.h's order (block_scale, block_output_scale, the codes) ----
+
+// block_scale(vmax, gs) on the hardware conversion.
+__device__ __forceinline__ uint32_t block_scale_hw(float vmax, float gs) {
+  return e4m3_encode_hw(gs * (vmax * recip6()));
+}
+
+// block_output_scale(sf, gs) on the hardware decode, with inv_gs = 1 / gs.
+__device__ __forceinline__ float block_output_scale_hw(uint32_t sf, float inv_gs) {
+  return sf == 0 ? 0.0f : __frcp_rn(e4m3_decode_hw(sf) * inv_gs);
+}
+
+// The 16 codes of a block (max |x| vmax, output scale os), plain nibble order:
+// pack8_fast where both are finite, else the spec's e2m1_encode.
+template <typename B>
+__device__ __forceinline__ uint2 encode16(const B& blk, float vmax, float os) {
+  const bool finite = max(float_to_bits(vmax), float_to_bits(os)) < 0x7F800000u;  // both in [+0, FLT_MAX]
+  return finite ? make_uint2(pack8_fast(blk, 0, os), pack8_fast(blk, 8, os)) : pack16_exact(blk, os);
 }
 
 }  // namespace quantize_block

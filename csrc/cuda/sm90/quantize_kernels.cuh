@@ -193,11 +193,9 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
 
       // block_scale and block_output_scale of format.h, operation for operation.
       const float vmax = blk[j].abs_max();
-      const uint32_t sf = e4m3_encode_hw(gs * (vmax * recip6()));
-      const float os = table ? os_of_sf[sf] : sf == 0 ? 0.0f : __frcp_rn(e4m3_decode_hw(sf) * inv_gs);
-      const bool finite = max(float_to_bits(vmax), float_to_bits(os)) < 0x7F800000u;  // both in [+0, FLT_MAX]
-      p.data[b] = finite ? make_uint2(pack8_fast(blk[j], 0, os), pack8_fast(blk[j], 8, os))
-                         : pack16_exact(blk[j], os);
+      const uint32_t sf = block_scale_hw(vmax, gs);
+      const float os = table ? os_of_sf[sf] : block_output_scale_hw(sf, inv_gs);
+      p.data[b] = encode16(blk[j], vmax, os);
       p.scales[off] = static_cast<uint8_t>(sf);
     }
   }
