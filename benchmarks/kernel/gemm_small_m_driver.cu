@@ -434,6 +434,27 @@ struct WeightCopies {
   int count() const { return static_cast<int>(W.size()); }
 };
 
+// The timing modes' bf16 activations (`rows` x K, random), decode scale (1/64)
+// and output (rows x N float32-sized).
+struct BenchIo {
+  uint16_t* A = nullptr;
+  float* g = nullptr;
+  void* out = nullptr;
+  BenchIo(int rows, int K, int N) {
+    CK(cudaMalloc(&A, static_cast<size_t>(rows) * K * 2));
+    fill_bf16<<<256, 256>>>(A, static_cast<size_t>(rows) * K, 5);
+    CK(cudaMalloc(&g, 4));
+    const float one = 1.0f / 64;
+    CK(cudaMemcpy(g, &one, 4, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&out, static_cast<size_t>(rows) * N * 4));
+  }
+  ~BenchIo() {
+    cudaFree(A);
+    cudaFree(g);
+    cudaFree(out);
+  }
+};
+
 struct BenchShape {
   int N, K;
 };
@@ -473,20 +494,15 @@ static void bench(bool quick) {
     const int copies = wc.count();
     const std::vector<uint8_t*>&W = wc.W, &S = wc.S;
     // one contiguous buffer per copy for the floor: data + scales read separately
-    uint16_t* A;
+    const BenchIo io(32, K, N);
+    uint16_t* const A = io.A;
+    float* const dg = io.g;
+    void* const out = io.out;
     uint8_t *A4, *A4s;
-    CK(cudaMalloc(&A, static_cast<size_t>(32) * K * 2));
-    fill_bf16<<<256, 256>>>(A, static_cast<size_t>(32) * K, 5);
     CK(cudaMalloc(&A4, static_cast<size_t>(32) * K / 2));
     CK(cudaMalloc(&A4s, static_cast<size_t>(128) * C + 64));
     fill_kernel<<<256, 256>>>(A4, static_cast<size_t>(32) * K / 2, 3, 0);
     fill_kernel<<<256, 256>>>(A4s, static_cast<size_t>(128) * C + 64, 4, 1);
-    float* dg;
-    CK(cudaMalloc(&dg, 4));
-    const float one = 1.0f / 64;
-    CK(cudaMemcpy(dg, &one, 4, cudaMemcpyHostToDevice));
-    void* out;
-    CK(cudaMalloc(&out, static_cast<size_t>(32) * N * 4));
     CK(cudaDeviceSynchronize());
     const int iters = std::max(6 * copies, 60);
     // floor: stream data + scales of each copy
@@ -587,11 +603,8 @@ static void bench(bool quick) {
         table.push_back(line);
       }
     }
-    cudaFree(A);
     cudaFree(A4);
     cudaFree(A4s);
-    cudaFree(dg);
-    cudaFree(out);
   }
   printf("\n==== summary (%%floor = read-only floor time / kernel time) ====\n");
   for (auto& l : table) printf("%s\n", l.c_str());
@@ -658,20 +671,12 @@ static void prefetch_exp() {
     const WeightCopies wc(T, Kp, 400ull << 20);
     const int copies = wc.count();
     const std::vector<uint8_t*>&W = wc.W, &S = wc.S;
-    uint16_t* A;
-    CK(cudaMalloc(&A, static_cast<size_t>(32) * K * 2));
-    fill_bf16<<<256, 256>>>(A, static_cast<size_t>(32) * K, 5);
-    float* dg;
-    CK(cudaMalloc(&dg, 4));
-    const float one = 1.0f / 64;
-    CK(cudaMemcpy(dg, &one, 4, cudaMemcpyHostToDevice));
-    void* out;
-    CK(cudaMalloc(&out, static_cast<size_t>(32) * N * 4));
+    const BenchIo io(32, K, N);
     const int64_t groups = (T + 1) / 2;
     const int ctas = static_cast<int>(std::min<int64_t>(groups, jaxfp4::sm_count()));
     for (int M : Ms)
       for (int f : fr) {
-        Launch L = w4a16_launch(A, dg, out, true);
+        Launch L = w4a16_launch(io.A, io.g, io.out, true);
         double total = 0;
         const int iters = 3 * copies + 30;
         for (int i = 0; i < iters; ++i) {
@@ -691,9 +696,6 @@ static void prefetch_exp() {
         }
         printf("%5dx%-6d %4d %5d%% %9.2f\n", N, K, M, f, 1000 * total / (iters - copies));
       }
-    cudaFree(A);
-    cudaFree(dg);
-    cudaFree(out);
     (void)C;
   }
 }
@@ -704,20 +706,12 @@ static void one(int N, int K, int M, int kind) {
   const size_t wbytes = kind == 0 ? static_cast<size_t>(T) * 8 * Kp : static_cast<size_t>(N) * K / 2;
   const size_t sbytes = kind == 0 ? static_cast<size_t>(T) * Kp : static_cast<size_t>(N) * C;
   uint8_t *W, *S;
-  uint16_t* A;
-  float* dg;
-  void* out;
   CK(cudaMalloc(&W, wbytes));
   CK(cudaMalloc(&S, sbytes));
-  CK(cudaMalloc(&A, static_cast<size_t>(M) * K * 2));
-  CK(cudaMalloc(&dg, 4));
-  CK(cudaMalloc(&out, static_cast<size_t>(M) * N * 4));
   fill_kernel<<<1024, 256>>>(W, wbytes, 7, 0);
   fill_kernel<<<1024, 256>>>(S, sbytes, 8, 1);
-  fill_bf16<<<256, 256>>>(A, static_cast<size_t>(M) * K, 5);
-  const float one = 1.0f / 64;
-  CK(cudaMemcpy(dg, &one, 4, cudaMemcpyHostToDevice));
-  Launch L = w4a16_launch(A, dg, out, kind == 0);
+  const BenchIo io(M, K, N);
+  Launch L = w4a16_launch(io.A, io.g, io.out, kind == 0);
   L.p.b = W;
   L.p.b_sf = S;
   for (int i = 0; i < 5; ++i)

@@ -493,7 +493,7 @@ ffi::Error check_weights(const ffi::AnyBuffer& b_data, const ffi::AnyBuffer& b_s
 }
 
 // Validates out [*L, M, N] against the batch map; fills out fields.
-ffi::Error check_out(const ffi::AnyBuffer& out, int nl, int64_t M, const BatchMap& map, Launch* L, int64_t* N) {
+ffi::Error check_out(const ffi::AnyBuffer& out, int nl, int64_t M, const BatchMap& map, Launch* L) {
   const Dims d = out.dimensions();
   if (static_cast<int>(d.size()) != nl + 2 || d[nl] != M) return bad("out has shape " + dims_str(d));
   for (int i = 0; i < nl; ++i)
@@ -504,7 +504,6 @@ ffi::Error check_out(const ffi::AnyBuffer& out, int nl, int64_t M, const BatchMa
     case ffi::DataType::F16: L->p.out_type = kOutF16; break;
     default: return bad("out must be F32, BF16 or F16");
   }
-  *N = d[nl + 1];
   L->p.out = out.untyped_data();
   L->batch = map.count;
   return ffi::Error::Success();
@@ -523,8 +522,7 @@ ffi::Error check_b_and_out(Dims ad, int nl, int64_t M, int64_t K, const ffi::Any
     return e;
   BatchMap map;
   if (!make_batch_map(ad.begin(), b_lead, nl, &map)) return bad("the batch axes of a and b do not broadcast");
-  int64_t n_out = 0;
-  if (auto e = check_out(out, nl, M, map, L, &n_out); e.failure()) return e;
+  if (auto e = check_out(out, nl, M, map, L); e.failure()) return e;
   L->p.map = map;
   return ffi::Error::Success();
 }
