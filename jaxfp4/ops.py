@@ -136,8 +136,9 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = Non
 
     params = dict(b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dt)
     if input_scale is not None:
-        g_a = _global_scale(input_scale, a_lead, "input_scale")
-        return _matmul_quantize_a(a, b, g_a, np.ndim(input_scale) == 0, input_sf_layout, lead, params)
+        one_g = np.ndim(input_scale) == 0  # one decode scale for every batch entry of a
+        g_a = _global_scale(input_scale, () if one_g else a_lead, "input_scale")
+        return _matmul_quantize_a(a, b, g_a, input_sf_layout, lead, params)
     if not w4a4 and not any(d != 1 for d in b_lead):
         # Shared weights: fold a's batch axes into M so the weights stream once.
         (out,) = gemm_p.bind(a.reshape(1, -1, k), *_with_rank(b, 1), mode="w4a16",
@@ -153,19 +154,19 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = Non
     return out
 
 
-def _matmul_quantize_a(a: jax.Array, b: NVFP4Tensor, g_a: jax.Array, one_g: bool, layout: str | None,
+def _matmul_quantize_a(a: jax.Array, b: NVFP4Tensor, g_a: jax.Array, layout: str | None,
                        lead: tuple[int, ...], params: dict) -> jax.Array:
-    """W4A4 from float activations a [..., M, K] and their decode scale g_a [...]
-    (`one_g`: the same for every batch entry); `layout` as matmul's input_sf_layout."""
+    """W4A4 from float activations a [..., M, K] and their decode scale g_a: a scalar
+    (one for every batch entry) or [...]; `layout` as matmul's input_sf_layout."""
     *a_lead, m, k = a.shape
-    if one_g and not any(d != 1 for d in b.shape[:-2]):
+    if g_a.ndim == 0 and not any(d != 1 for d in b.shape[:-2]):
         # Shared weights, one g_a: a's batch axes fold into M (the weights stream once).
         rows = int(np.prod(a_lead, dtype=np.int64)) * m
         layout = layout or ("8x4" if rows <= 32 else "128x4")
-        g1 = g_a.reshape(-1)[:1] if g_a.size else jnp.ones((1,), jnp.float32)
-        (out,) = gemm_p.bind(a.reshape(1, rows, k), g1, *_with_rank(b, 1), mode="w4a4_quantize_a",
+        (out,) = gemm_p.bind(a.reshape(1, rows, k), g_a.reshape(1), *_with_rank(b, 1), mode="w4a4_quantize_a",
                              a_sf_layout=layout, **params)
         return out.reshape(*lead, m, params["b_shape"][0])
+    g_a = jnp.broadcast_to(g_a, tuple(a_lead))
     rank = len(lead)
     grow = (1,) * (rank - len(a_lead))
     (out,) = gemm_p.bind(a.reshape(grow + a.shape), g_a.reshape(grow + g_a.shape), *_with_rank(b, rank),
