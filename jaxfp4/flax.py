@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxfp4 import format as fmt
 from jaxfp4 import ops
-from jaxfp4._checks import FLOAT_DTYPES, check_k, decode_scalar, is_float
+from jaxfp4._checks import check_float_dtype, check_k, decode_scalar, is_float
 from jaxfp4.dot_general import NVFP4DotGeneral, activation_sf_layout, check_mode
 from jaxfp4.packing import packed_shapes
 from jaxfp4.primitives.gemm import PACKING_IDS
@@ -178,18 +178,8 @@ class Dense(nn.Module):
         """(compute dtype, output dtype), validated."""
         where = self._where()
         check_mode(self.mode, where)
-
-        def float_dtype(value: Any, name: str) -> np.dtype:
-            try:
-                dt = np.dtype(value)
-            except TypeError:
-                dt = None
-            if dt not in FLOAT_DTYPES:
-                raise TypeError(f"{where}: {name} must be float32, bfloat16 or float16, got {value!r}")
-            return dt
-
-        dt = float_dtype(self.dtype, "dtype")
-        out_dt = dt if self.out_dtype is None else float_dtype(self.out_dtype, "out_dtype")
+        dt = check_float_dtype(self.dtype, f"{where}: dtype")
+        out_dt = dt if self.out_dtype is None else check_float_dtype(self.out_dtype, f"{where}: out_dtype")
         if self.weight_packing not in _PACKINGS:
             raise ValueError(f"{where}: weight_packing must be one of {_PACKINGS}, got {self.weight_packing!r}")
         if not isinstance(self.features, (int, np.integer)) or self.features < 1:
