@@ -13,7 +13,8 @@
 // Work decomposition. A "group" is kTPW = 2 row tiles (32 weight rows). The
 // grid is persistent (about one CTA per SM, grid.y over 32-token tiles,
 // grid.z over the output batch): each CTA walks a balanced contiguous range of
-// groups, and its warps split K: warp w owns the same chunks of 64 elements
+// groups (packed: of tiles, in groups, the last one possibly a single tile),
+// and its warps split K: warp w owns the same chunks of 64 elements
 // in every group (plain: a contiguous slice; packed: kCpi chunks of every
 // ring item, gemm_small_m_packed.cuh). Per chunk and tile, lane (g = lane/4, t = lane%4) holds rows
 // g and g+8, elements 16t .. 16t+15 of the chunk: exactly one scale block per
@@ -357,12 +358,16 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   if (cudaError_t e = allow_smem(kernel, packed_smem_bytes<NT>(PkCfg<NT>::kWarps) + (QA ? kQaMaxBytes : 0), smem_set);
       e != cudaSuccess)
     return e;
-  static std::atomic<int> occupancy[PkCfg<NT>::kWarps + 2][kMaxDevices];  // by warp count (consumers + producer)
+  // Cached by warp count (consumers + producer), so computed with the shared memory
+  // the most QA rows take: the same answer whatever launch comes first.
+  static std::atomic<int> occupancy[PkCfg<NT>::kWarps + 2][kMaxDevices];
+  const size_t occ_smem = packed_smem_bytes<NT>(static_cast<int>(nc)) + (QA ? kQaMaxBytes : 0);
   const int dev = current_device();
   const int64_t slots = static_cast<int64_t>(sm_count(dev)) *
-                        std::max(1, resident_ctas(reinterpret_cast<const void*>(kernel), threads, smem,
+                        std::max(1, resident_ctas(reinterpret_cast<const void*>(kernel), threads, occ_smem,
                                                   occupancy[threads / 32], dev));
-  const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(groups, slots / (mtiles * L.batch)));
+  // CTAs share out single tiles (the kernel walks its share in groups).
+  const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(p.tiles, slots / (mtiles * L.batch)));
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
   kernel<<<grid, threads, smem, stream>>>(p);
   *name = QA ? "sm90_gemm_small_m_w4a4_n8_packed_quantize_a" : kernel_name<T, NT, true, A4>();

@@ -288,9 +288,10 @@ __device__ __forceinline__ void load_act(ActStage<NT, A4>& at, const uint8_t* co
   }
 }
 
-// The 4 mma steps of one chunk for kTPW weight tiles x NT token tiles.
-template <typename T, int NT, bool PACKED, bool A4>
+// The 4 mma steps of one chunk for the first TP (<= kTPW) weight tiles x NT token tiles.
+template <typename T, int NT, bool PACKED, bool A4, int TP = kTPW>
 __device__ __forceinline__ void mma_chunk(float (&acc)[kTPW][NT][4], const Stage& st, const ActStage<NT, A4>& at) {
+  static_assert(TP >= 1 && TP <= kTPW, "TP weight tiles of the group's kTPW");
   constexpr bool kF16 = std::is_same<T, __half>::value;
   // B fragments of the 4 mma steps: b[nt][s][0..1].
   uint32_t b[NT][4][2];
@@ -336,7 +337,7 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[kTPW][NT][4], const Stage
     }
   }
 #pragma unroll
-  for (int tp = 0; tp < kTPW; ++tp) {
+  for (int tp = 0; tp < TP; ++tp) {
     uint32_t s0, s1;
     scale_pair<T>(st.sf[tp], s0, s1);
     const uint32_t words[4] = {st.w[tp].x, st.w[tp].y, st.w[tp].z, st.w[tp].w};

@@ -182,7 +182,14 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   const int g = lane >> 2, t = lane & 3;
   const int nc = (blockDim.x >> 5) - 1;  // consumer warps; warp nc is the producer
   const Prologue<NT, A4> pro(p, warp, g, t);  // (p.chunks_per_warp = kCpi: c0 = warp * kCpi)
-  const int g_begin = pro.g_begin, ngroups = pro.ngroups;
+  // The CTA's weight tiles: a balanced contiguous share of single tiles, not of
+  // groups, walked kTPW at a time (an odd share ends with a one-tile group).
+  // With whole groups the slowest CTA can take a group more than the average:
+  // 10240 rows are 640 tiles, 4.85 per CTA on 132 SMs, but 2 or 3 groups (4 or
+  // 6 tiles); by tiles it takes 4 or 5.
+  const int t_begin = static_cast<int>(static_cast<int64_t>(blockIdx.x) * p.tiles / gridDim.x);
+  const int t_end = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * p.tiles / gridDim.x);
+  const int ngroups = (t_end - t_begin + kTPW - 1) / kTPW;
   if (ngroups <= 0) return;  // uniform over the CTA
   const int items = p.items;  // ring items per group: ceil(chunks / (nc * kCpi))
 
@@ -207,12 +214,12 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     // next stage once its consumers have released it.
     if (lane != 0) return;
     const int64_t tile_chunks = p.chunks;
-    int64_t first = static_cast<int64_t>(g_begin) * kTPW * tile_chunks;  // chunk index of the group's first tile
+    int64_t first = static_cast<int64_t>(t_begin) * tile_chunks;  // chunk index of the group's first tile
     int qi = 0;
     uint32_t ph = 1;  // parity to wait for on `empty`: a fresh barrier's previous phase counts as complete
     for (int grp = 0; grp < ngroups; ++grp, first += kTPW * tile_chunks) {
-      // The second tile of an odd last group is not copied: its outputs are never stored.
-      const int ntp = min(kTPW, p.tiles - (g_begin + grp) * kTPW);
+      // A one-tile group copies one tile (the stage's second tile is not read).
+      const int ntp = min(kTPW, t_end - (t_begin + grp * kTPW));
       for (int it = 0; it < items; ++it) {
         const int c = it * nc * kCpi;
         const int nck = min(nc * kCpi, p.chunks - c);  // chunks in this item
@@ -255,6 +262,8 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   int qc = 0;          // ring stage of the item being computed
   uint32_t phase = 0;  // `full` parity of the ring's current round
   for (int grp = 0; grp < ngroups; ++grp) {
+    const int tile0 = t_begin + grp * kTPW;
+    const bool pair = tile0 + 1 < t_end;  // uniform over the CTA: else a one-tile group
     // Activation pointers of this item's first chunk (advanced per item, reset per group).
     const uint8_t* aq[NT];
     const uint8_t* asq[NT];
@@ -308,9 +317,15 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
               lds_u16(src + kTPW * kSC * kPackedChunkBytes + (tp * kSC + sc) * kPackedScaleBytes + lane * 2);
         }
       }
+      if (pair) {
 #pragma unroll
-      for (int ci = 0; ci < kCpi; ++ci)
-        if (ci < mine) mma_chunk<T, NT, true, A4>(acc, st[ci], at[ci]);  // uniform over the warp
+        for (int ci = 0; ci < kCpi; ++ci)
+          if (ci < mine) mma_chunk<T, NT, true, A4>(acc, st[ci], at[ci]);  // uniform over the warp
+      } else {  // one tile: half the math (its acc[1] stays zero and is not stored)
+#pragma unroll
+        for (int ci = 0; ci < kCpi; ++ci)
+          if (ci < mine) mma_chunk<T, NT, true, A4, 1>(acc, st[ci], at[ci]);
+      }
       mbar_arrive(empty + 8 * qc);  // this lane is done with the stage
       if (++qc == S) {
         qc = 0;
@@ -322,11 +337,13 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     // per group suffices: a buffer is rewritten two groups later, after every
     // consumer has passed the next group's barrier and so finished reading it.
     float* const rb = red + (Cfg::kRedBufs == 2 ? (grp & 1) * nc * F : 0);
-    const int tile0 = (g_begin + grp) * kTPW;
     stash_acc(rb + warp * F, acc, lane);
     zero_acc(acc);
     consumers_sync(nc);
-    for (int idx = threadIdx.x; idx < F; idx += nc * 32) {
+    // A one-tile group stores its first tile only (the next tile is another CTA's):
+    // the stash puts tile tp at [tp * F / kTPW, (tp + 1) * F / kTPW).
+    const int f_end = pair ? F : F / kTPW;
+    for (int idx = threadIdx.x; idx < f_end; idx += nc * 32) {
       float v[Cfg::kWarps];
 #pragma unroll
       for (int w = 0; w < Cfg::kWarps; ++w) v[w] = w < nc ? rb[w * F + idx] : 0.0f;
