@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import jax
@@ -178,6 +178,18 @@ def dot_nt(a, w, **kw):
 
 # ---- timing --------------------------------------------------------------------------
 
+# A kernel cannot read the weights faster than the read floor streams them: a time
+# under this fraction of the floor is the timing's noise (the difference of two
+# host-timed batches), so the point is timed again, and flagged if it stays there.
+FLOOR_SLACK = 0.95
+BELOW_FLOOR_NOTE = "faster than the read floor: timing noise, not a kernel time; re-run this point"
+
+
+def below_floor(us: float | None, floor_us: float | None) -> bool:
+    """Whether a time (us) is impossibly fast against the read floor of the same weight."""
+    return bool(us and floor_us) and us < FLOOR_SLACK * floor_us
+
+
 @dataclass
 class Result:
     shape: tuple[int, int]
@@ -301,9 +313,11 @@ def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, al
     nv_bytes = fmt.nvfp4_bytes(n, k)
     r_max = max(calls(m) for m in ms)
 
+    floor_us = None
     if "read_floor" in methods:
         try:
             t = read_floor(nv_bytes, runs, r=max(r_max, 32))
+            floor_us = t * 1e6
             for m in ms:
                 results.append(Result((n, k), m, "read_floor", t * 1e6, "jaxfp4_bench_stream_read",
                                       extra={"GB/s": nv_bytes / t / 1e9}))
@@ -382,7 +396,14 @@ def bench_shape(n: int, k: int, ms: list[int], methods: list[str], runs: int, al
                         log(f"  M={m:5d} {method:24s} skipped ({res.path})")
                         continue
                 t = time_calls(call, args, wts, runs, big=m > 256)
+                for _ in range(2):  # (the floor is a bound for the small-M rows the report compares)
+                    if not (m <= 32 and below_floor(t * 1e6, floor_us)):
+                        break
+                    log(f"  M={m:5d} {method:24s} {t * 1e6:10.1f} us is under the read floor: timing it again")
+                    t = time_calls(call, args, wts, runs, big=m > 256)
                 res.us = t * 1e6
+                if m <= 32 and below_floor(res.us, floor_us):
+                    res.note = BELOW_FLOOR_NOTE
                 log(f"  M={m:5d} {method:24s} {res.us:10.1f} us  {2 * m * n * k / t / 1e12:8.1f} TFLOP/s"
                     f"  {res.path}")
             except Exception as e:  # noqa: BLE001
@@ -453,6 +474,8 @@ def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_di
                     lines.append(f"| {m} | {method} | - | - | - | - | - | {r.note} |")
                     continue
                 fl = f"{r.us / floor.us:.2f}" if floor and m <= 32 else ""
+                if fl and below_floor(r.us, floor.us) and BELOW_FLOOR_NOTE not in r.note:
+                    r = replace(r, note=(r.note + " " if r.note else "") + BELOW_FLOOR_NOTE)
                 vb = f"{bf16.us / r.us:.2f}" if bf16 and bf16.us else ""
                 vo = f"{best_other / r.us:.2f}" if best_other and method in JAXFP4 else ""
                 lines.append(f"| {m} | {method} | {r.us:.1f} | {tflops(m, n, k, r.us):.1f} | {fl} | {vb} | {vo} "

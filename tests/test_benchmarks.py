@@ -84,6 +84,21 @@ def test_gemm_merge_keeps_the_other_shapes(gemm, tmp_path):
     assert len(_rows(md)) == 4
 
 
+def test_gemm_flags_times_under_the_read_floor(gemm, tmp_path):
+    """A time under the read floor of the same weight is the timing's noise: the
+    report says so on that row (and only there)."""
+    assert gemm.below_floor(8.7, 11.6) and not gemm.below_floor(11.2, 11.6)
+    assert not gemm.below_floor(8.7, None) and not gemm.below_floor(None, 11.6)
+    env = {"card": "test", "device_kind": "Test GPU", "nvidia_smi": "-", "driver_cuda": "-",
+           "platform_version": "-", "jax": "-", "jaxlib": "-", "python": "-", "l2_mb": "50", "git": "-"}
+    R = gemm.Result
+    results = [R((4096, 14336), m, "read_floor", 11.6, extra={"GB/s": 2850.0}) for m in (16, 32)]
+    results += [R((4096, 14336), 16, "jaxfp4_w4a16_packed", 16.4), R((4096, 14336), 32, "jaxfp4_w4a16_packed", 8.7)]
+    md = gemm.write_report(env, 2.4e12, results, [(4096, 14336)], [16, 32], tmp_path, "--test")
+    rows = {int(r[0]): r for r in _rows(md) if r[1] == "jaxfp4_w4a16_packed"}
+    assert gemm.BELOW_FLOOR_NOTE in rows[32][-1] and gemm.BELOW_FLOOR_NOTE not in rows[16][-1]
+
+
 def test_gemm_rejects_unknown_methods(gemm, capsys):
     with pytest.raises(SystemExit):
         gemm.main(["--smoke", "--methods", "jaxfp4_w4a4_8x4_prepared"])
