@@ -411,8 +411,16 @@ __device__ __forceinline__ void store_frag(const Params& p, int64_t out_base, fl
             v);
 }
 
+// This CTA's balanced contiguous share [begin, end) of `count` work units
+// (tile groups in the plain kernel, single tiles in the packed one).
+__device__ __forceinline__ void cta_share(int64_t count, int& begin, int& end) {
+  begin = static_cast<int>(static_cast<int64_t>(blockIdx.x) * count / gridDim.x);
+  end = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * count / gridDim.x);
+}
+
 // What both kernels derive from the launch first: the batch entries, the
-// CTA's tile groups (kTPW tiles each; a balanced contiguous share of them),
+// CTA's tile groups (kTPW tiles each; a cta_share of them: the plain kernel's
+// walk; the packed kernel shares out single tiles instead),
 // the warp's K slice (chunks c0 .. c0 + chunks_per_warp - 1 of every group)
 // and the lane's activation pointers at chunk c0 (the same for every group).
 template <int NT, bool A4>
@@ -430,8 +438,9 @@ struct Prologue {
     ib = p.map.b_index(z);
     m0 = blockIdx.y * (8 * NT);
     const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
-    g_begin = static_cast<int>(static_cast<int64_t>(blockIdx.x) * groups / gridDim.x);
-    ngroups = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * groups / gridDim.x) - g_begin;
+    int g_end;
+    cta_share(groups, g_begin, g_end);
+    ngroups = g_end - g_begin;
     c0 = warp * p.chunks_per_warp;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {

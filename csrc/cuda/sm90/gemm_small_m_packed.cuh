@@ -187,8 +187,8 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   // With whole groups the slowest CTA can take a group more than the average:
   // 10240 rows are 640 tiles, 4.85 per CTA on 132 SMs, but 2 or 3 groups (4 or
   // 6 tiles); by tiles it takes 4 or 5.
-  const int t_begin = static_cast<int>(static_cast<int64_t>(blockIdx.x) * p.tiles / gridDim.x);
-  const int t_end = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * p.tiles / gridDim.x);
+  int t_begin, t_end;
+  cta_share(p.tiles, t_begin, t_end);
   const int ngroups = (t_end - t_begin + kTPW - 1) / kTPW;
   if (ngroups <= 0) return;  // uniform over the CTA
   const int items = p.items;  // ring items per group: ceil(chunks / (nc * kCpi))
