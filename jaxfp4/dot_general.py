@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfp4 import ops
+from jaxfp4.format import activation_sf_layout
 from jaxfp4._checks import check_float_dtype, check_k
 from jaxfp4.tensor import describe
 
@@ -42,12 +43,6 @@ def check_mode(mode: Any, where: str) -> str:
     if mode not in MODES:
         raise ValueError(f"{where}: mode must be one of {MODES}, got {mode!r}")
     return mode
-
-
-def activation_sf_layout(m: int, small_batch_threshold: int) -> str:
-    """The scale layout for quantized activations of M rows: "8x4" (8-row
-    padding) for small batches, M <= small_batch_threshold, else "128x4"."""
-    return "8x4" if m <= small_batch_threshold else "128x4"
 
 
 def _float_operand(x: Any, arg: str) -> jax.Array:

@@ -26,7 +26,7 @@ import numpy as np
 from jaxfp4 import format as fmt
 from jaxfp4 import ops
 from jaxfp4._checks import check_float_dtype, check_k, decode_scalar, is_float
-from jaxfp4.dot_general import NVFP4DotGeneral, activation_sf_layout, check_mode
+from jaxfp4.dot_general import NVFP4DotGeneral, check_mode
 from jaxfp4.packing import packed_shapes
 from jaxfp4.primitives.gemm import PACKING_IDS
 from jaxfp4.tensor import NVFP4Tensor, describe
@@ -251,7 +251,7 @@ class Dense(nn.Module):
         w = self._weight(k)
         m = int(np.prod(lead))
         a = x.reshape(m, k).astype(dt)
-        layout = activation_sf_layout(m, self.small_batch_threshold)
+        layout = fmt.activation_sf_layout(m, self.small_batch_threshold)
         if self.mode == "w4a4" and self.static_input_scale:
             # One op: on the GPU, for decode-size M, the GEMM kernel quantizes a itself.
             g_a = decode_scalar(self.param("input_scale", lambda _: jnp.float32(1.0)),

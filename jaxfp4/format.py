@@ -40,6 +40,12 @@ def check_sf_layout(sf_layout: str, arg: str = "sf_layout") -> str:
     return sf_layout
 
 
+def activation_sf_layout(m: int, small_batch_threshold: int) -> str:
+    """The scale layout for quantized activations of M rows: "8x4" (8-row
+    padding) for small batches, M <= small_batch_threshold, else "128x4"."""
+    return "8x4" if m <= small_batch_threshold else "128x4"
+
+
 def scale_shape(rows: int, k: int, sf_layout: str) -> tuple[int, int]:
     """[R', C'] of the scale array for `rows` rows of K elements."""
     c = k // BLOCK

@@ -15,7 +15,7 @@ from jaxfp4._checks import check_float_dtype as _check_float_dtype
 from jaxfp4._checks import check_k
 from jaxfp4 import reference
 from jaxfp4.primitives.dequantize import dequantize_p
-from jaxfp4.primitives.gemm import PACKING_IDS, gemm_p
+from jaxfp4.primitives.gemm import PACKING_IDS, SMALL_M_MAX, gemm_p
 from jaxfp4.primitives.quantize import quantize_p
 from jaxfp4.tensor import NVFP4Tensor, describe
 
@@ -162,7 +162,7 @@ def _matmul_quantize_a(a: jax.Array, b: NVFP4Tensor, g_a: jax.Array, layout: str
     if g_a.ndim == 0 and not any(d != 1 for d in b.shape[:-2]):
         # Shared weights, one g_a: a's batch axes fold into M (the weights stream once).
         rows = int(np.prod(a_lead, dtype=np.int64)) * m
-        layout = layout or ("8x4" if rows <= 32 else "128x4")
+        layout = layout or fmt.activation_sf_layout(rows, SMALL_M_MAX)
         (out,) = gemm_p.bind(a.reshape(1, rows, k), g_a.reshape(1), *_with_rank(b, 1), mode="w4a4_quantize_a",
                              a_sf_layout=layout, **params)
         return out.reshape(*lead, m, params["b_shape"][0])
@@ -170,7 +170,7 @@ def _matmul_quantize_a(a: jax.Array, b: NVFP4Tensor, g_a: jax.Array, layout: str
     rank = len(lead)
     grow = (1,) * (rank - len(a_lead))
     (out,) = gemm_p.bind(a.reshape(grow + a.shape), g_a.reshape(grow + g_a.shape), *_with_rank(b, rank),
-                         mode="w4a4_quantize_a", a_sf_layout=layout or ("8x4" if m <= 32 else "128x4"),
+                         mode="w4a4_quantize_a", a_sf_layout=layout or fmt.activation_sf_layout(m, SMALL_M_MAX),
                          **params)
     return out
 
