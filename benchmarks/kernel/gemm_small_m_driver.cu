@@ -67,11 +67,15 @@ static uint8_t rand_sf() {  // finite, non-negative, incl. subnormals and 0 (rar
 
 struct Case {
   int M, N, K;
-  int mode;  // 0 w4a16 bf16, 1 w4a16 f16, 2 w4a4, 3 w4a4 from bf16 quantized in the kernel (packed, M <= 8)
+  int mode;  // 0 w4a16 bf16, 1 w4a16 f16, 2 w4a4, 3 w4a4 from bf16 quantized in the kernel (packed, M <= 8),
+             // 4 w4a16 bf16 with the RMSNorm prologue, 5 with the SwiGLU prologue (packed, M <= 8, La = Lb = 1),
+             // 6, 7: those prologues then the in-kernel quantization (W4A4; inputs whose prologue
+             // values are exact in float32, so the result is checked bit for bit, as mode 3's)
   bool packed;
   int b_layout, a_layout;
   int out_type;
   int La, Lb;  // batch (1-D leading axis, broadcast when 1)
+  bool residual = false;  // bf16 out, La = Lb = 1: also run with a residual, bit for bit the rounded sum
 };
 
 static bool run_case(const Case& cs, bool verbose) {
@@ -88,7 +92,14 @@ static bool run_case(const Case& cs, bool verbose) {
     for (auto& x : bsf_lin[l]) x = rand_sf();
     bg[l] = std::ldexp(1.0f + (rng() % 100) / 100.0f, -10);
   }
-  // activations
+  // activations (modes 4-7: the prologue's input, [M, K] or [M, 2K], and the RMSNorm weight)
+  const bool fused = cs.mode >= 4, rms = cs.mode == 4 || cs.mode == 6, quantized = cs.mode == 3 || cs.mode >= 6;
+  const int Ka = rms || !fused ? K : 2 * K;
+  std::vector<uint16_t> norm_w(K);
+  for (auto& x : norm_w) x = float_to_bf16(0.5f + (rng() % 1000) / 1000.0f);
+  // Mode 6: eps 0 and rows of +-2^e, so the norm's values are exactly +-w; mode 7:
+  // gates in [17, 120], where sigmoid rounds to 1 in float32: silu(gate) * up = gate * up.
+  const float norm_eps = cs.mode == 6 ? 0.0f : 1e-5f;
   std::vector<std::vector<uint16_t>> a16(cs.La);
   std::vector<std::vector<uint8_t>> adata(cs.La), asf_lin(cs.La);
   for (int l = 0; l < cs.La; ++l) {
@@ -99,19 +110,46 @@ static bool run_case(const Case& cs, bool verbose) {
       asf_lin[l].resize(static_cast<size_t>(M) * C);
       for (auto& x : asf_lin[l]) x = rand_sf();
     } else {
-      a16[l].resize(static_cast<size_t>(M) * K);
+      a16[l].resize(static_cast<size_t>(M) * Ka);
       std::normal_distribution<float> nd(0.f, 1.f);
       for (auto& x : a16[l]) {
         const float v = nd(rng) * std::ldexp(1.0f, static_cast<int>(rng() % 7) - 3);
         x = cs.mode == 1 ? float_to_f16(v) : float_to_bf16(v);
       }
+      for (int m = 0; m < M && cs.mode == 6; ++m) {
+        const float c = std::ldexp(1.0f, static_cast<int>(rng() % 9) - 4);
+        for (int k = 0; k < K; ++k) a16[l][static_cast<size_t>(m) * K + k] = float_to_bf16(rng() & 1 ? c : -c);
+      }
+      for (int m = 0; m < M && cs.mode == 7; ++m)
+        for (int k = 0; k < K; ++k)
+          a16[l][static_cast<size_t>(m) * Ka + k] = float_to_bf16(17.0f + static_cast<float>(rng() % 1030) / 10.0f);
     }
   }
-  // mode 3: the activations quantized on the host (format.h, as jaxfp4.quantize
-  // with g = ag): codes (plain nibble order), LINEAR scales, and their values
+  // modes 4-7: the prologue's bf16 values in float64, rounded once (the kernel's
+  // float32 may round a value the other way near a tie: one bf16 ulp of one term,
+  // far inside the tolerance for K >= 256)
+  std::vector<uint16_t> staged;
+  if (fused) {
+    staged.resize(static_cast<size_t>(M) * K);
+    for (int m = 0; m < M; ++m) {
+      const uint16_t* row = &a16[0][static_cast<size_t>(m) * Ka];
+      double ss = 0;
+      for (int k = 0; k < K; ++k) ss += static_cast<double>(bf16_to_float(row[k])) * bf16_to_float(row[k]);
+      const double rstd = 1.0 / std::sqrt(ss / K + norm_eps);
+      for (int k = 0; k < K; ++k) {
+        const double x = bf16_to_float(row[k]);
+        const double v = rms ? x * rstd * bf16_to_float(norm_w[k])
+                                      : x / (1.0 + std::exp(-x)) * bf16_to_float(row[K + k]);
+        staged[static_cast<size_t>(m) * K + k] = float_to_bf16(static_cast<float>(v));
+      }
+    }
+  }
+  // modes 3, 6, 7: the activations (6, 7: the prologue's values) quantized on the
+  // host (format.h, as jaxfp4.quantize with g = ag): codes (plain nibble order),
+  // LINEAR scales, and their values
   std::vector<std::vector<uint8_t>> qdata(cs.La), qsf(cs.La);
   std::vector<std::vector<double>> qval(cs.La);
-  if (cs.mode == 3) {
+  if (quantized) {
     for (int l = 0; l < cs.La; ++l) {
       qdata[l].assign(static_cast<size_t>(M) * K / 2, 0);
       qsf[l].assign(static_cast<size_t>(M) * C, 0);
@@ -121,7 +159,7 @@ static bool run_case(const Case& cs, bool verbose) {
         for (int c = 0; c < C; ++c) {
           float x[16], vmax = 0.0f;
           for (int i = 0; i < 16; ++i) {
-            x[i] = bf16_to_float(a16[l][static_cast<size_t>(m) * K + 16 * c + i]);
+            x[i] = bf16_to_float((fused ? staged : a16[l])[static_cast<size_t>(m) * K + 16 * c + i]);
             vmax = nan_max_abs(vmax, x[i]);
           }
           const uint8_t sf = block_scale(vmax, gs);
@@ -148,14 +186,15 @@ static bool run_case(const Case& cs, bool verbose) {
       return static_cast<double>(e2m1_decode((k & 1) ? b >> 4 : b & 15)) *
              e4m3_decode(asf_lin[l][static_cast<size_t>(m) * C + k / 16]);
     }
-    if (cs.mode == 3) return qval[l][static_cast<size_t>(m) * K + k];
+    if (quantized) return qval[l][static_cast<size_t>(m) * K + k];
+    if (fused) return static_cast<double>(bf16_to_float(staged[static_cast<size_t>(m) * K + k]));
     const uint16_t v = a16[l][static_cast<size_t>(m) * K + k];
     return cs.mode == 1 ? f16_to_float(v) : bf16_to_float(v);
   };
   std::vector<double> ref(static_cast<size_t>(L) * M * N), absref(ref.size());
   for (int z = 0; z < L; ++z) {
     const int la = cs.La == 1 ? 0 : z, lb = cs.Lb == 1 ? 0 : z;
-    const double gg = cs.mode >= 2 ? static_cast<double>(ag[la] * bg[lb]) : bg[lb];
+    const double gg = cs.mode == 2 || quantized ? static_cast<double>(ag[la] * bg[lb]) : bg[lb];
     std::vector<double> wrow(K);
     for (int n = 0; n < N; ++n) {
       for (int k = 0; k < K; ++k) wrow[k] = wval(lb, n, k);
@@ -225,6 +264,9 @@ static bool run_case(const Case& cs, bool verbose) {
   CK(cudaMemcpy(dbg, bg.data(), 4 * cs.Lb, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dag, ag.data(), 4 * cs.La, cudaMemcpyHostToDevice));
   CK(cudaMemset(dout, 0xFF, out_bytes));  // NaN poison
+  uint16_t* dnorm;
+  CK(cudaMalloc(&dnorm, 2 * K));
+  CK(cudaMemcpy(dnorm, norm_w.data(), 2 * K, cudaMemcpyHostToDevice));
   Launch Lc;
   Lc.p.a = da;
   Lc.p.a_sf = das;
@@ -249,6 +291,11 @@ static bool run_case(const Case& cs, bool verbose) {
   Lc.a4 = cs.mode == 2;
   Lc.packed = cs.packed;
   Lc.qa = cs.mode == 3;
+  Lc.fused = fused;
+  Lc.p.prologue = !fused ? kPrologueNone : rms ? kPrologueRmsNorm : kPrologueSwiGlu;
+  if (fused && !quantized) Lc.p.a_g = nullptr;  // W4A16: the fused kernel's W4A4 flag is a_g
+  Lc.p.norm_w = reinterpret_cast<const __nv_bfloat16*>(dnorm);
+  Lc.p.eps = norm_eps;
   ffi::Error e = finish(Lc, M, N, K, 0);
   if (e.failure()) {
     printf("launch failed\n");
@@ -259,7 +306,7 @@ static bool run_case(const Case& cs, bool verbose) {
   CK(cudaMemcpy(hout.data(), dout, out_bytes, cudaMemcpyDeviceToHost));
   const char* kernel = jaxfp4::g_last_kernel;
   bool same_as_w4a4 = true;  // mode 3: bit for bit what quantize-then-W4A4 gives (8x4 activation scales)
-  if (cs.mode == 3) {
+  if (quantized) {
     std::vector<uint8_t> qd, qs;
     for (int l = 0; l < cs.La; ++l) {
       std::vector<uint8_t> s8(sf_rows(SfLayout::kSwizzled8x4, M) * sf_cols(SfLayout::kSwizzled8x4, C), 0);
@@ -278,6 +325,7 @@ static bool run_case(const Case& cs, bool verbose) {
     CK(cudaMemset(dout2, 0xFF, out_bytes));
     Launch L4 = Lc;
     L4.qa = false;
+    L4.fused = false;
     L4.a4 = true;
     L4.p.a = dqd;
     L4.p.a_sf = dqs;
@@ -294,6 +342,29 @@ static bool run_case(const Case& cs, bool verbose) {
     cudaFree(dqd);
     cudaFree(dqs);
     cudaFree(dout2);
+  }
+  bool same_sum = true;  // residual: bf16(bf16 product + residual), bit for bit
+  if (cs.residual) {
+    std::vector<uint16_t> res(static_cast<size_t>(M) * N);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (auto& x : res) x = float_to_bf16(nd(rng));
+    void *dres, *dout3;
+    CK(cudaMalloc(&dres, res.size() * 2));
+    CK(cudaMalloc(&dout3, out_bytes));
+    CK(cudaMemcpy(dres, res.data(), res.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemset(dout3, 0xFF, out_bytes));
+    Launch Lr = Lc;
+    Lr.p.out = dout3;
+    Lr.p.residual = static_cast<const __nv_bfloat16*>(dres);
+    if (finish(Lr, M, N, K, 0).failure()) return false;
+    std::vector<uint16_t> plain(res.size()), summed(res.size());
+    CK(cudaMemcpy(plain.data(), dout, out_bytes, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(summed.data(), dout3, out_bytes, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < res.size() && same_sum; ++i)
+      same_sum = summed[i] == float_to_bf16(bf16_to_float(plain[i]) + bf16_to_float(res[i]));
+    if (!same_sum) printf("   the residual's sum differs from the rounded product plus the residual\n");
+    cudaFree(dres);
+    cudaFree(dout3);
   }
   const double eps = cs.out_type == kOutF32 ? std::ldexp(1.0, -24) : (cs.out_type == kOutBF16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11));
   int bad = 0;
@@ -319,9 +390,10 @@ static bool run_case(const Case& cs, bool verbose) {
     }
     if (ref[i] != 0) worst = std::max(worst, err / (absref[i] + 1e-300));
   }
-  printf("%s M=%d N=%d K=%d mode=%d packed=%d bl=%d al=%d out=%d La=%d Lb=%d: %s (worst err/sum|t| %.2e) %s\n",
-         bad ? "FAIL" : "ok  ", M, N, K, cs.mode, cs.packed, cs.b_layout, cs.a_layout, cs.out_type, cs.La, cs.Lb,
-         bad ? "mismatch" : "pass", worst, kernel);
+  printf("%s M=%d N=%d K=%d mode=%d packed=%d bl=%d al=%d out=%d La=%d Lb=%d res=%d: %s (worst err/sum|t| %.2e) %s\n",
+         bad || !same_sum ? "FAIL" : "ok  ", M, N, K, cs.mode, cs.packed, cs.b_layout, cs.a_layout, cs.out_type,
+         cs.La, cs.Lb, cs.residual ? 1 : 0, bad ? "mismatch" : "pass", worst, kernel);
+  cudaFree(dnorm);
   cudaFree(db);
   cudaFree(dbs);
   cudaFree(da);
@@ -329,7 +401,7 @@ static bool run_case(const Case& cs, bool verbose) {
   cudaFree(dbg);
   cudaFree(dag);
   cudaFree(dout);
-  return bad == 0 && same_as_w4a4;
+  return bad == 0 && same_as_w4a4 && same_sum;
 }
 
 static int check_all(bool quick) {
@@ -371,7 +443,28 @@ static int check_all(bool quick) {
   cases.push_back({3, 37, 11008, 3, true, 2, 0, kOutF32, 1, 1});
   cases.push_back({3, 200, 1040, 3, true, 0, 0, kOutF16, 3, 1});
   cases.push_back({2, 16, 20416, 3, true, 0, 0, kOutF32, 1, 1});
-  if (quick) cases.resize(8);
+  // W4A16 with a fused prologue (packed, M <= 8), with and without a residual; the
+  // residual alone on the ordinary kernels (plain and packed, M up to 32)
+  cases.push_back({1, 200, 4096, 4, true, 0, 0, kOutBF16, 1, 1, true});
+  cases.push_back({8, 1000, 272, 4, true, 1, 0, kOutF32, 1, 1});
+  cases.push_back({3, 37, 11008, 4, true, 2, 0, kOutBF16, 1, 1, true});
+  cases.push_back({1, 4096, 14336, 5, true, 0, 0, kOutBF16, 1, 1, true});
+  cases.push_back({2, 200, 14336, 5, true, 1, 0, kOutBF16, 1, 1});
+  cases.push_back({7, 1000, 272, 5, true, 0, 0, kOutF32, 1, 1});
+  cases.push_back({3, 200, 272, 0, false, 1, 0, kOutBF16, 1, 1, true});
+  cases.push_back({17, 200, 1024, 0, true, 0, 0, kOutBF16, 1, 1, true});
+  cases.push_back({32, 1000, 272, 0, true, 2, 0, kOutBF16, 1, 1, true});
+  // ... and then quantized in the kernel (W4A4), bit for bit vs quantize + W4A4
+  cases.push_back({1, 200, 4096, 6, true, 0, 0, kOutBF16, 1, 1, true});
+  cases.push_back({8, 1000, 272, 6, true, 1, 0, kOutF32, 1, 1});
+  cases.push_back({2, 4096, 14336, 7, true, 0, 0, kOutBF16, 1, 1, true});
+  cases.push_back({5, 37, 1040, 7, true, 2, 0, kOutF32, 1, 1});
+  if (quick) {  // the first 6 general cases and the first fused ones
+    std::vector<Case> q(cases.begin(), cases.begin() + 6);
+    for (const Case& c : cases)
+      if (c.mode >= 4 && q.size() < 10) q.push_back(c);
+    cases = q;
+  }
   // Consumer warps per group (runs of chunks -> warps): fewest items, then fewest warps.
   const int64_t nc_table[][3] = {{32, 16, 16}, {64, 16, 16}, {112, 16, 16}, {86, 16, 15}, {148, 16, 15},
                                  {43, 16, 15}, {24, 16, 12}, {8, 16, 8}, {1, 16, 1}, {17, 16, 9}};

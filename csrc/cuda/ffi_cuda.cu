@@ -17,6 +17,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4QuantizeDynamicCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A4Cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A16Cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A4QuantizeACuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmFusedCuda);
 // Defined in csrc/cuda/bench_stream.cu.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4BenchStreamReadCuda);
 
@@ -29,6 +30,7 @@ std::vector<FfiTarget> cuda_targets() {
       {"jaxfp4_gemm_w4a4", reinterpret_cast<void*>(&JaxFp4GemmW4A4Cuda)},
       {"jaxfp4_gemm_w4a16", reinterpret_cast<void*>(&JaxFp4GemmW4A16Cuda)},
       {"jaxfp4_gemm_w4a4_quantize_a", reinterpret_cast<void*>(&JaxFp4GemmW4A4QuantizeACuda)},
+      {"jaxfp4_gemm_fused", reinterpret_cast<void*>(&JaxFp4GemmFusedCuda)},
       {"jaxfp4_bench_stream_read", reinterpret_cast<void*>(&JaxFp4BenchStreamReadCuda)},
   };
 }

@@ -288,6 +288,7 @@ struct Launch {
   bool a4 = false;
   bool packed = false;
   bool qa = false;    // W4A4 with bf16 activations quantized in the kernel (packed, M <= 8)
+  bool fused = false; // W4A16 with a fused prologue (p.prologue; packed, bf16, M <= 8)
 };
 
 template <typename T, int NT, bool PACKED, bool A4>
@@ -338,8 +339,9 @@ inline int64_t packed_consumers(int64_t runs, int64_t max_warps) {
 
 // Packed weights: `nc` consumer warps split K item by item (plus the producer
 // warp); a persistent grid of about one wave walks the tile groups.
-template <typename T, int NT, bool A4, bool QA = false>
+template <typename T, int NT, bool A4, int ACT = kActGlobal>
 cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
+  constexpr bool kStaged = ACT != kActGlobal;
   Params& p = L.p;
   constexpr int kCpi = PkCfg<NT>::kCpi;
   const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
@@ -350,18 +352,19 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   p.chunks_per_warp = kCpi;
   p.items = static_cast<int32_t>((runs + nc - 1) / nc);
   const int threads = static_cast<int>(nc + 1) * 32;
-  // QA: the quantized activation rows after the ring (checked by the handler: <= kQaMaxBytes).
-  const size_t qa_bytes = QA ? static_cast<size_t>(std::min<int64_t>(p.M, 8) * qa_row_bytes(p.K)) : 0;
+  // Staged activation rows after the ring (checked by the handlers: <= kQaMaxBytes).
+  const size_t qa_bytes = kStaged ? static_cast<size_t>(std::min<int64_t>(p.M, 8) * qa_row_bytes(p.K)) : 0;
   const size_t smem = packed_smem_bytes<NT>(static_cast<int>(nc)) + qa_bytes;
-  auto kernel = gemm_packed_kernel<T, NT, A4, QA>;
+  auto kernel = gemm_packed_kernel<T, NT, A4, ACT>;
   static std::atomic<bool> smem_set[kMaxDevices];
-  if (cudaError_t e = allow_smem(kernel, packed_smem_bytes<NT>(PkCfg<NT>::kWarps) + (QA ? kQaMaxBytes : 0), smem_set);
+  if (cudaError_t e =
+          allow_smem(kernel, packed_smem_bytes<NT>(PkCfg<NT>::kWarps) + (kStaged ? kQaMaxBytes : 0), smem_set);
       e != cudaSuccess)
     return e;
   // Cached by warp count (consumers + producer), so computed with the shared memory
-  // the most QA rows take: the same answer whatever launch comes first.
+  // the most staged rows take: the same answer whatever launch comes first.
   static std::atomic<int> occupancy[PkCfg<NT>::kWarps + 2][kMaxDevices];
-  const size_t occ_smem = packed_smem_bytes<NT>(static_cast<int>(nc)) + (QA ? kQaMaxBytes : 0);
+  const size_t occ_smem = packed_smem_bytes<NT>(static_cast<int>(nc)) + (kStaged ? kQaMaxBytes : 0);
   const int dev = current_device();
   const int64_t slots = static_cast<int64_t>(sm_count(dev)) *
                         std::max(1, resident_ctas(reinterpret_cast<const void*>(kernel), threads, occ_smem,
@@ -370,7 +373,19 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(p.tiles, slots / (mtiles * L.batch)));
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
   kernel<<<grid, threads, smem, stream>>>(p);
-  *name = QA ? "sm90_gemm_small_m_w4a4_n8_packed_quantize_a" : kernel_name<T, NT, true, A4>();
+  if constexpr (ACT == kActQuantize) {
+    *name = "sm90_gemm_small_m_w4a4_n8_packed_quantize_a";
+  } else if constexpr (ACT == kActFused) {
+    const bool rms = p.prologue == kPrologueRmsNorm;
+    if (p.a_g != nullptr) {
+      *name = rms ? "sm90_gemm_small_m_w4a4_n8_packed_quantize_a_rms_norm"
+                  : "sm90_gemm_small_m_w4a4_n8_packed_quantize_a_swiglu";
+    } else {
+      *name = rms ? "sm90_gemm_small_m_w4a16_bf16_n8_packed_rms_norm" : "sm90_gemm_small_m_w4a16_bf16_n8_packed_swiglu";
+    }
+  } else {
+    *name = kernel_name<T, NT, true, A4>();
+  }
   return cudaGetLastError();
 }
 
@@ -420,7 +435,8 @@ cudaError_t launch_nt(const Launch& L, cudaStream_t stream, const char** name) {
 
 // Launches the GEMM described by L (already validated); *name gets the kernel's name.
 cudaError_t launch(const Launch& L, cudaStream_t stream, const char** name) {
-  if (L.qa) return launch_packed<__nv_bfloat16, 1, false, true>(L, stream, name);
+  if (L.qa) return launch_packed<__nv_bfloat16, 1, false, kActQuantize>(L, stream, name);
+  if (L.fused) return launch_packed<__nv_bfloat16, 1, false, kActFused>(L, stream, name);
   if (L.a4) {
     return L.packed ? launch_nt<__nv_bfloat16, true, true>(L, stream, name)
                     : launch_nt<__nv_bfloat16, false, true>(L, stream, name);
@@ -661,8 +677,89 @@ ffi::Error GemmW4A4QuantizeAImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Any
   return finish(L, M, N, K, stream);
 }
 
+// The GEMM with a decoder's neighbours fused in (one batch entry, bf16 a):
+// out [M, N] = residual + prologue(a) @ b^T, each step rounded as the unfused
+// ops round it. prologue 0: a [M, K] as it is; 1: RMSNorm(a) with norm_w [K]
+// and eps; 2: SwiGLU of a [M, 2K] = [gate | up]. W4A16, or with a_g (a float32
+// scalar) W4A4: the prologue's output quantized with decode scale a_g, as
+// jaxfp4_gemm_w4a4_quantize_a quantizes a. Without a prologue, W4A16 runs the
+// ordinary kernels (any M and weights), W4A4 the in-kernel quantization's
+// (packed, M <= 8); with one, the fused kernel (packed, M <= 8). Where rows are
+// staged, M rows of qa_row_bytes(K) must fit kQaMaxBytes
+// (jaxfp4/primitives/fused_gemm.py checks the same before choosing this target).
+// Unused operands (norm_w without prologue 1, a_g for W4A16, residual when
+// none) are empty.
+ffi::Error GemmFusedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer norm_w, ffi::AnyBuffer a_g,
+                         ffi::AnyBuffer b_data, ffi::AnyBuffer b_scales, ffi::AnyBuffer b_g, ffi::AnyBuffer residual,
+                         ffi::Result<ffi::AnyBuffer> out, int32_t prologue, float eps, int32_t b_sf_layout,
+                         int32_t b_packing) {
+  Launch L;
+  const Dims ad = a.dimensions();
+  if (ad.size() != 2) return bad("a must have rank 2 ([M, K]; [M, 2K] for swiglu) in the fused GEMM");
+  if (a.element_type() != ffi::DataType::BF16) return bad("a must be BF16 in the fused GEMM");
+  if (prologue < kPrologueNone || prologue > kPrologueSwiGlu) return bad("prologue must be 0, 1 or 2");
+  const int64_t M = ad[0];
+  if (prologue == kPrologueSwiGlu && ad[1] % 2 != 0) return bad("swiglu needs a [M, 2K] (an even last dim)");
+  const int64_t K = prologue == kPrologueSwiGlu ? ad[1] / 2 : ad[1];
+  if (K % 16 != 0) return bad("K must be a multiple of 16");
+  const bool w4a4 = a_g.element_count() != 0;
+  if (w4a4 && (a_g.element_type() != ffi::DataType::F32 || a_g.dimensions().size() != 0))
+    return bad("a_g must be an F32 scalar (W4A4) or empty (W4A16)");
+  if (prologue != kPrologueNone || w4a4) {
+    if (b_packing != 1) return bad("a fused prologue or W4A4 needs sm90-packed weights (b_packing 1)");
+    if (M > 8 || std::min<int64_t>(M, 8) * qa_row_bytes(K) > kQaMaxBytes)
+      return bad("a fused prologue or W4A4 needs M <= 8 and M * (2 * (K rounded up to 64) + 16) <= " +
+                 std::to_string(kQaMaxBytes) + " bytes of shared memory");
+  }
+  if (reinterpret_cast<uintptr_t>(a.untyped_data()) % 16 != 0) return bad("a is misaligned");
+  const int64_t kd[2] = {M, K};
+  int64_t N = 0;
+  if (auto e = check_b_and_out(Dims(kd, 2), 0, M, K, b_data, b_scales, b_g, b_sf_layout, b_packing, *out, &L, &N);
+      e.failure())
+    return e;
+  if (prologue == kPrologueRmsNorm) {
+    const Dims wd = norm_w.dimensions();
+    if (norm_w.element_type() != ffi::DataType::BF16 || wd.size() != 1 || wd[0] != K)
+      return bad("norm_w must be BF16 [K] for rms_norm, got " + dims_str(wd));
+    if (reinterpret_cast<uintptr_t>(norm_w.untyped_data()) % 16 != 0) return bad("norm_w is misaligned");
+    L.p.norm_w = static_cast<const __nv_bfloat16*>(norm_w.untyped_data());
+  } else if (norm_w.element_count() != 0) {
+    return bad("norm_w must be empty without the rms_norm prologue");
+  }
+  if (residual.element_count() != 0) {
+    if (auto e = expect(residual, "residual", ffi::DataType::BF16, nullptr, 0, M, N); e.failure()) return e;
+    if (out->element_type() != ffi::DataType::BF16) return bad("out must be BF16 with a residual");
+    L.p.residual = static_cast<const __nv_bfloat16*>(residual.untyped_data());
+  }
+  L.f16 = false;
+  L.a4 = false;
+  L.fused = prologue != kPrologueNone;
+  L.qa = w4a4 && !L.fused;
+  L.p.prologue = prologue;
+  L.p.eps = eps;
+  set_act(a, M, K, w4a4 ? static_cast<const float*>(a_g.untyped_data()) : nullptr, &L);
+  return finish(L, M, N, K, stream);
+}
+
 }  // namespace sm90_gemm
 }  // namespace jaxfp4
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmFusedCuda, jaxfp4::sm90_gemm::GemmFusedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // a [M, K] or [M, 2K] BF16
+                                  .Arg<ffi::AnyBuffer>()  // norm_w [K] BF16, or empty
+                                  .Arg<ffi::AnyBuffer>()  // a_g F32 [] (W4A4), or empty
+                                  .Arg<ffi::AnyBuffer>()  // b_data U8
+                                  .Arg<ffi::AnyBuffer>()  // b_scales F8E4M3FN
+                                  .Arg<ffi::AnyBuffer>()  // b_g F32 []
+                                  .Arg<ffi::AnyBuffer>()  // residual [M, N] BF16, or empty
+                                  .Ret<ffi::AnyBuffer>()  // out [M, N]
+                                  .Attr<int32_t>("prologue")
+                                  .Attr<float>("eps")
+                                  .Attr<int32_t>("b_sf_layout")
+                                  .Attr<int32_t>("b_packing"),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmW4A4QuantizeACuda, jaxfp4::sm90_gemm::GemmW4A4QuantizeAImpl,
                               ffi::Ffi::Bind()

@@ -46,6 +46,11 @@ struct Params {
   int64_t b_stride, b_sf_stride;  // bytes per batch entry
   int64_t a_sf_cstride, b_sf_cstride;  // scale offset step of one chunk (4 blocks)
   BatchMap map;
+  // The fused op (jaxfp4_gemm_fused: one batch entry, bf16 a; W4A4 where a_g is set):
+  const __nv_bfloat16* residual = nullptr;  // [M, N] added to the rounded output, or null (any kernel)
+  const __nv_bfloat16* norm_w = nullptr;    // prologue kPrologueRmsNorm: the RMSNorm weight [K]
+  float eps = 0.0f;                         // its epsilon
+  int32_t prologue = 0;                     // gemm_fused_prologue.cuh: what the fused kernel stages
 };
 
 // ---- device helpers -----------------------------------------------------------
@@ -357,11 +362,14 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[kTPW][NT][4], const Stage
   }
 }
 
-// Scales one output element by alpha and stores it (rows n >= N, tokens m >= M dropped).
+// Scales one output element by alpha and stores it (rows n >= N, tokens m >= M
+// dropped). With a residual (bf16 out only): the bf16 product plus the residual,
+// rounded again, which is what the unfused `residual + gemm(...)` computes.
 __device__ __forceinline__ void store_out(const Params& p, int64_t out_base, float alpha, int n, int m, float v) {
   if (n < p.N && m < p.M) {
     const int64_t o = out_base + static_cast<int64_t>(m) * p.N + n;
     v *= alpha;
+    if (p.residual != nullptr) v = __bfloat162float(__float2bfloat16_rn(v)) + __bfloat162float(p.residual[o]);
     if (p.out_type == kOutBF16) {
       static_cast<__nv_bfloat16*>(p.out)[o] = __float2bfloat16_rn(v);
     } else if (p.out_type == kOutF16) {

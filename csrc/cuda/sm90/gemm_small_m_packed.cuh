@@ -28,6 +28,7 @@
 // producer does not join.
 #pragma once
 
+#include "gemm_staged_act.cuh"
 #include "quantize_block.cuh"
 
 #ifndef JAXFP4_PK_WARPS
@@ -80,16 +81,19 @@ constexpr size_t packed_smem_bytes(int nc) {
 // bit for bit that of jaxfp4.quantize then the W4A4 GEMM, without the quantize
 // launch and without per-chunk activation decoding.
 
-// Bytes of shared memory one quantized activation row takes: Kp bf16 plus 16
-// (row r's 16-byte loads then fall in other banks than row r + 1's).
-__host__ __device__ inline int64_t qa_row_bytes(int64_t K) { return (K + kChunk - 1) / kChunk * kChunk * 2 + 16; }
-constexpr int64_t kQaMaxBytes = 80 * 1024;  // beside the M <= 8 ring and reduction buffers (227 KB)
+// Where the main loop takes its activations (the kernel's ACT parameter).
+enum ActSource : int {
+  kActGlobal = 0,    // from global memory, chunk by chunk (L1/L2 hits)
+  kActQuantize = 1,  // QA: staged in shared memory, quantized there (W4A4 from bf16)
+  kActFused = 2,     // staged by a fused prologue (gemm_staged_act.cuh; W4A16)
+};
 
 // Rows 0 .. min(M, 8) - 1 of the CTA's activation entry quantized with g = a_g,
-// dequantized into `act` (row stride qa_row_bytes(K), elements in order, blocks
-// past K zero), by `nthreads` threads, this one `tid`.
+// dequantized into `act` (gemm_staged_act.cuh's rows), by `nthreads` threads,
+// this one `tid`. in_place: the rows are already staged in `act` (a fused
+// prologue's output) and each block is quantized where it lies.
 __device__ __forceinline__ void qa_quantize_rows(const Params& p, int64_t ia, unsigned char* act, int tid,
-                                                 int nthreads) {
+                                                 int nthreads, bool in_place = false) {
   namespace qb = quantize_block;
   const int rows = min(p.M, 8), C = p.C, cp = 4 * p.chunks;  // blocks per row incl. the chunk padding
   const int64_t stride = qa_row_bytes(p.K);
@@ -100,7 +104,15 @@ __device__ __forceinline__ void qa_quantize_rows(const Params& p, int64_t ia, un
     uint32_t o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (c < C) {
       qb::Block16<__nv_bfloat16_raw> blk;
-      blk.load(a, static_cast<uint32_t>(r * C + c));
+      if (in_place) {  // this thread's own 32 bytes: read, then overwritten below
+        const uint4* src = reinterpret_cast<const uint4*>(act + r * stride + 32 * c);
+        const uint4 lo = src[0], hi = src[1];
+        const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) blk.w[i] = w[i];
+      } else {
+        blk.load(a, static_cast<uint32_t>(r * C + c));
+      }
       // Exactly as quantize_kernel (block_scale, block_output_scale, the codes).
       const float vmax = blk.abs_max();
       const uint32_t sf = qb::block_scale_hw(vmax, gs);
@@ -160,15 +172,11 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
-// Barrier 1 over the consumer warps only (barrier 0, __syncthreads, would wait for the producer).
-__device__ __forceinline__ void consumers_sync(int nc) {
-  asm volatile("bar.sync 1, %0;" ::"r"(nc * 32) : "memory");
-}
-
-template <typename T, int NT, bool A4, bool QA = false>
+template <typename T, int NT, bool A4, int ACT = kActGlobal>
 __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_kernel(const __grid_constant__ Params p) {
-  static_assert(!QA || (NT == 1 && !A4 && std::is_same<T, __nv_bfloat16>::value),
-                "in-kernel activation quantization: M <= 8, bf16 operands");
+  static_assert(ACT == kActGlobal || (NT == 1 && !A4 && std::is_same<T, __nv_bfloat16>::value),
+                "activations staged in shared memory: M <= 8, bf16 operands");
+  constexpr bool QA = ACT == kActQuantize;
   using Cfg = PkCfg<NT>;
   constexpr int S = Cfg::kStages;
   constexpr int kCpi = Cfg::kCpi;
@@ -198,7 +206,7 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + Cfg::kRedBufs * nc * F * 4;
   const uint32_t full = ring + S * Cfg::kStageBytes;  // [S] mbarriers, then empty [S]
   const uint32_t empty = full + 8 * S;
-  // QA: the quantized activations, after the barriers (16-byte aligned).
+  // Staged activations (QA, fused prologues), after the barriers (16-byte aligned).
   unsigned char* const act = smem_raw + Cfg::kRedBufs * nc * F * 4 + S * (Cfg::kStageBytes + 16);
   if (warp == nc && lane == 0) {
     for (int i = 0; i < S; ++i) {
@@ -246,12 +254,27 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   float acc[kTPW][NT][4];
   zero_acc(acc);
   float alpha = epilogue_alpha<A4>(p, pro.ia, pro.ib);
-  uint32_t act_lane = 0;  // QA: shared address of the lane's token row at chunk c0, slot t
+  uint32_t act_lane = 0;  // staged: shared address of the lane's token row at chunk c0, slot t
   if constexpr (QA) {
     // While the producer fills the ring: the activations, quantized once per CTA.
     qa_quantize_rows(p, pro.ia, act, static_cast<int>(threadIdx.x), nc * 32);
     consumers_sync(nc);
     alpha = epilogue_alpha<true>(p, pro.ia, pro.ib);  // the W4A4 kernel's (activations times 2^-7)
+  } else if constexpr (ACT == kActFused) {
+    // While the producer fills the ring: the prologue's rows (the reduction
+    // buffers, unused until the first group ends, hold the RMSNorm's warp sums).
+    if (p.prologue == kPrologueRmsNorm) {
+      rms_norm_rows(p, act, red, static_cast<int>(threadIdx.x), nc);
+    } else {
+      swiglu_rows(p, act, static_cast<int>(threadIdx.x), nc);
+    }
+    if (p.a_g != nullptr) {  // W4A4: the staged rows quantized in place, as QA quantizes a
+      qa_quantize_rows(p, pro.ia, act, static_cast<int>(threadIdx.x), nc * 32, true);
+      consumers_sync(nc);
+      alpha = epilogue_alpha<true>(p, pro.ia, pro.ib);
+    }
+  }
+  if constexpr (ACT != kActGlobal) {
     act_lane = static_cast<uint32_t>(__cvta_generic_to_shared(act)) +
                static_cast<uint32_t>(min(g, p.M - 1) * qa_row_bytes(p.K) + pro.c0 * kChunk * 2 + t * 32);
   }
@@ -278,7 +301,7 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
       // Activations first (L1/L2 hits): they land while the weights are dequantized.
       // Unpredicated unless the warp's chunks are short or hold the last block of a ragged K.
       ActStage<NT, A4> at[kCpi];
-      if constexpr (QA) {
+      if constexpr (ACT != kActGlobal) {
         // Rows are zero-padded to whole chunks; chunks past K are not read (not computed).
         const uint32_t a0 = act_lane + static_cast<uint32_t>(it) * nc * kCpi * kChunk * 2;
 #pragma unroll
