@@ -8,6 +8,7 @@ import importlib
 
 from jaxfp4._ffi import backend_info
 from jaxfp4.dot_general import dot_general
+from jaxfp4.fused import RMSNorm, SwiGLU
 from jaxfp4.ops import (
     dequantize,
     from_float4,
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NVFP4Tensor",
+    "RMSNorm",
+    "SwiGLU",
     "backend_info",
     "dequantize",
     "dot_general",

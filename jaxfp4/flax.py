@@ -27,6 +27,7 @@ from jaxfp4 import format as fmt
 from jaxfp4 import ops
 from jaxfp4._checks import check_float_dtype, check_k, decode_scalar, is_float
 from jaxfp4.dot_general import NVFP4DotGeneral, check_mode
+from jaxfp4.fused import PROLOGUES, Prologue, add_residual
 from jaxfp4.packing import packed_shapes
 from jaxfp4.primitives.gemm import PACKING_IDS
 from jaxfp4.tensor import NVFP4Tensor, describe
@@ -243,25 +244,62 @@ class Dense(nn.Module):
         return NVFP4Tensor(data, scales, g, "linear", **packed)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Applies the layer to x [..., K]; returns [..., features] in `out_dtype` (default `dtype`)."""
+    def __call__(self, x: jax.Array, *, prologue: Prologue | None = None,
+                 residual: jax.Array | None = None) -> jax.Array:
+        """Applies the layer to x [..., K]; returns [..., features] in `out_dtype` (default `dtype`).
+
+        prologue: `jaxfp4.RMSNorm` or `jaxfp4.SwiGLU` (x is then [..., 2K]),
+        applied to x (cast to `dtype`) first; residual: [..., features] in the
+        output dtype, added last (after the bias). Without a bias, W4A16 and
+        w4a4 with static_input_scale run both inside the GEMM kernel on the GPU
+        where they can (`jaxfp4.matmul`'s prologue and residual); else they are
+        separate ops.
+        """
         dt, out_dt = self._check_config()
         x = self._check_x(x)
-        k, lead = x.shape[-1], tuple(x.shape[:-1])
+        where = self._where()
+        if prologue is not None and not isinstance(prologue, PROLOGUES):
+            raise TypeError(f"{where}: prologue must be jaxfp4.RMSNorm, jaxfp4.SwiGLU or None, "
+                            f"got {type(prologue).__name__}")
+        k_in, lead = x.shape[-1], tuple(x.shape[:-1])
+        k = k_in // prologue.in_features(1) if prologue is not None else k_in
+        if residual is not None and (tuple(jnp.shape(residual)) != (*lead, self.features)
+                                     or jnp.result_type(residual) != out_dt):
+            raise ValueError(f"{where}: residual must be {np.dtype(out_dt).name} {(*lead, self.features)} "
+                             f"(the output's shape and dtype), got {describe(residual)}")
         w = self._weight(k)
         m = int(np.prod(lead))
-        a = x.reshape(m, k).astype(dt)
+        a = x.reshape(m, k_in).astype(dt)
+        res = None if residual is None else residual.reshape(m, self.features)
+        fusable = prologue is not None or residual is not None
+        if fusable and not self.use_bias and (self.mode == "w4a16" or self.static_input_scale):
+            # One op (on the GPU for decode-size M one kernel): prologue, GEMM, residual.
+            scale = {}
+            if self.mode == "w4a4":
+                scale = dict(input_scale=self._input_scale(),
+                             input_sf_layout=fmt.activation_sf_layout(m, self.small_batch_threshold))
+            y = ops.matmul(a, w, out_dtype=out_dt, prologue=prologue, residual=res, **scale)
+            return y.reshape(*lead, self.features)
+        if prologue is not None:
+            a = prologue(a)
+        y = self._project(a, w, m, dt, out_dt).reshape(*lead, self.features)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), dt).astype(out_dt)
+        return y if residual is None else add_residual(y, residual)
+
+    def _input_scale(self) -> jax.Array:
+        """The static activation decode scale g_a (w4a4 with static_input_scale)."""
+        return decode_scalar(self.param("input_scale", lambda _: jnp.float32(1.0)),
+                             f"{self._where()}: param 'input_scale'")
+
+    def _project(self, a: jax.Array, w: NVFP4Tensor, m: int, dt: Any, out_dt: Any) -> jax.Array:
+        """a [M, K] @ w.T in this layer's mode."""
         layout = fmt.activation_sf_layout(m, self.small_batch_threshold)
         if self.mode == "w4a4" and self.static_input_scale:
             # One op: on the GPU, for decode-size M, the GEMM kernel quantizes a itself.
-            g_a = decode_scalar(self.param("input_scale", lambda _: jnp.float32(1.0)),
-                                f"{self._where()}: param 'input_scale'")
-            y = ops.matmul(a, w, input_scale=g_a, input_sf_layout=layout, out_dtype=out_dt)
+            y = ops.matmul(a, w, input_scale=self._input_scale(), input_sf_layout=layout, out_dtype=out_dt)
         else:
             if self.mode == "w4a4":
                 a = ops.quantize(a, None, sf_layout=layout)
             y = ops.matmul(a, w, out_dtype=out_dt)
-        y = y.reshape(*lead, self.features)
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), dt).astype(out_dt)
         return y

@@ -14,7 +14,9 @@ from jaxfp4 import packing as packing_mod
 from jaxfp4._checks import check_float_dtype as _check_float_dtype
 from jaxfp4._checks import check_k
 from jaxfp4 import reference
+from jaxfp4.fused import PROLOGUES, Prologue, RMSNorm, add_residual
 from jaxfp4.primitives.dequantize import dequantize_p
+from jaxfp4.primitives.fused_gemm import fused_gemm_p
 from jaxfp4.primitives.gemm import PACKING_IDS, SMALL_M_MAX, gemm_p
 from jaxfp4.primitives.quantize import quantize_p
 from jaxfp4.tensor import NVFP4Tensor, describe
@@ -88,7 +90,8 @@ def dequantize(t: NVFP4Tensor, dtype: Any = jnp.float32) -> jax.Array:
 # ---- GEMM ----------------------------------------------------------------------
 
 def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = None,
-           input_sf_layout: str | None = None, out_dtype: Any = jnp.bfloat16) -> jax.Array:
+           input_sf_layout: str | None = None, out_dtype: Any = jnp.bfloat16,
+           prologue: Prologue | None = None, residual: jax.Array | None = None) -> jax.Array:
     """a @ b.T with NVFP4 weights b [..., N, K] (K-major, the checkpoint orientation).
 
     a is an NVFP4Tensor [..., M, K] (W4A4: both operands 4-bit) or a
@@ -105,6 +108,13 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = Non
       input_sf_layout: with input_scale, the scale layout a is quantized into
         where quantization runs as its own step (the result does not depend on
         it); default "8x4" for at most 32 rows, else "128x4".
+      prologue: `jaxfp4.RMSNorm(weight, eps)` or `jaxfp4.SwiGLU()`, applied to
+        a float a first (SwiGLU: a is [..., M, 2K]); see jaxfp4.fused. On the
+        GPU, W4A16 with bf16 a, prepared weights and M <= 8 runs it inside the
+        GEMM kernel (no separate norm or activation kernel).
+      residual: [..., M, N] in out_dtype, added to the product (rounded as
+        `residual + matmul(...)`); fused into the W4A16 kernel's store on the
+        GPU for bf16 and M <= 32.
     """
     b = _check_tensor(b, "b")
     out_dt = _check_float_dtype(out_dtype, "out_dtype")
@@ -112,6 +122,9 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = Non
         raise ValueError(f"b must have rank >= 2 ([..., N, K]), got {describe(b)}")
     n, k = b.shape[-2:]
     w4a4 = isinstance(a, NVFP4Tensor)
+    if prologue is not None or residual is not None:
+        return _matmul_fused(a, b, prologue, residual, input_scale=input_scale, input_sf_layout=input_sf_layout,
+                             out_dtype=out_dt)
     if input_scale is not None and w4a4:
         raise ValueError("input_scale quantizes a float a: a is already an NVFP4Tensor (drop input_scale)")
     if input_sf_layout is not None:
@@ -173,6 +186,70 @@ def _matmul_quantize_a(a: jax.Array, b: NVFP4Tensor, g_a: jax.Array, layout: str
                          mode="w4a4_quantize_a", a_sf_layout=layout or fmt.activation_sf_layout(m, SMALL_M_MAX),
                          **params)
     return out
+
+
+def _matmul_fused(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: Any, **kw: Any) -> jax.Array:
+    """matmul with a prologue and/or a residual (checked here, naming the rule):
+    float a with weights shared by every batch entry (W4A16, or W4A4 from one
+    input_scale) is the fused primitive; anything else the same steps as
+    separate ops."""
+    n, k = b.shape[-2:]
+    if prologue is not None:
+        if not isinstance(prologue, PROLOGUES):
+            raise TypeError(f"prologue must be jaxfp4.RMSNorm(weight, eps), jaxfp4.SwiGLU() or None, "
+                            f"got {type(prologue).__name__}")
+        if isinstance(a, NVFP4Tensor):
+            raise TypeError("a prologue transforms float activations: a must not be an NVFP4Tensor")
+        a = _check_matrix(a, "a", "[..., M, K] activations")
+        k_in = prologue.in_features(k)
+        if a.shape[-1] != k_in:
+            raise ValueError(f"with prologue {prologue!r}, a must have last dim {k_in} for b of K={k} "
+                             f"({'[gate | up]: 2K' if k_in != k else 'K'}), got a of shape {tuple(a.shape)}")
+        if isinstance(prologue, RMSNorm):
+            w = prologue.weight
+            if tuple(getattr(w, "shape", (None,))) != (k,):
+                raise ValueError(f"RMSNorm.weight must have shape ({k},) (K of b), got "
+                                 f"{getattr(w, 'shape', type(w).__name__)}")
+            _check_float_dtype(w.dtype, "RMSNorm.weight.dtype")
+    out_dt = kw["out_dtype"]
+    if residual is not None:
+        residual = jnp.asarray(residual)
+        if residual.dtype != out_dt:
+            raise TypeError(f"residual must have out_dtype {np.dtype(out_dt).name}, got {residual.dtype}")
+    nb = len(b.batch_shape)
+    g_a = kw["input_scale"]
+    if (isinstance(a, NVFP4Tensor) or any(d != 1 for d in b.batch_shape)
+            or (g_a is not None and np.ndim(g_a) != 0)):
+        x = prologue(a) if prologue is not None else a
+        y = matmul(x, b, **kw)
+        return y if residual is None else _residual_add(y, residual)
+    a = _check_matrix(a, "a", "[..., M, K] activations, or an NVFP4Tensor")
+    k_in = prologue.in_features(k) if prologue is not None else k
+    if a.shape[-1] != k_in:
+        raise ValueError(f"a and b must share K: a is {describe(a)} (K={a.shape[-1]}), b is {describe(b)} (K={k})")
+    *a_lead, m, _ = a.shape
+    lead = tuple(np.broadcast_shapes(tuple(a_lead), tuple(b.batch_shape)))
+    if residual is not None and tuple(residual.shape) != (*lead, m, n):
+        raise ValueError(f"residual must have the output's shape {(*lead, m, n)}, got {tuple(residual.shape)}")
+    rows = int(np.prod(lead, dtype=np.int64)) * m
+    a2 = jnp.broadcast_to(a, (*lead, m, k_in)).reshape(rows, k_in)
+    kind = "none" if prologue is None else prologue.kind
+    norm_w = jnp.asarray(prologue.weight) if kind == "rms_norm" else jnp.zeros((0,), a.dtype)
+    res = residual.reshape(rows, n) if residual is not None else jnp.zeros((0,), out_dt)
+    a_g = _global_scale(g_a, (), "input_scale") if g_a is not None else jnp.zeros((0,), jnp.float32)
+    data, scales = (x.reshape(x.shape[nb:]) for x in (b.data, b.scales))
+    (out,) = fused_gemm_p.bind(a2, norm_w, a_g, data, scales, b.global_scale.reshape(()), res, prologue=kind,
+                               eps=prologue.eps if kind == "rms_norm" else 0.0, quantize_a=g_a is not None,
+                               a_sf_layout=None if g_a is None else (
+                                   kw["input_sf_layout"] or fmt.activation_sf_layout(rows, SMALL_M_MAX)),
+                               b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dt)
+    return out.reshape(*lead, m, n)
+
+
+def _residual_add(y: jax.Array, residual: jax.Array) -> jax.Array:
+    if tuple(residual.shape) != tuple(y.shape):
+        raise ValueError(f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    return add_residual(y, residual)
 
 
 def _with_rank(t: NVFP4Tensor, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
