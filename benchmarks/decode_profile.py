@@ -62,6 +62,22 @@ def gemm_roles(events: list[tuple[int, str, float]], n_tokens: int, layers: int)
                                                         "lm_head"), kinds)]
 
 
+def print_layer_sequence(events: list[tuple[int, str, float]]) -> None:
+    """The kernels between the 5th and 9th jaxfp4 GEMM launches (one decoder layer
+    with fused projections: its qkv_proj up to the next layer's), in order, with
+    their durations and the idle gap before each."""
+    gemms = [i for i, (_, name, _) in enumerate(events) if "sm90_gemm" in name]
+    if len(gemms) < 9:
+        print("  (fewer than 9 NVFP4 GEMM launches: no layer sequence)")
+        return
+    print("  one layer, in launch order (gap before, duration, kernel):")
+    prev_end = None
+    for start, name, us in events[gemms[4]:gemms[8]]:
+        gap = 0.0 if prev_end is None else (start - prev_end) / 1e3
+        print(f"    {gap:6.2f} us gap  {us:7.2f} us  {name[:110]}")
+        prev_end = start + us * 1e3
+
+
 def main(argv: list[str] | None = None) -> None:
     gpu = jax.default_backend() == "gpu"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -71,6 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=16, help="decode steps traced")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--top", type=int, default=20, help="kernels listed per model")
+    p.add_argument("--sequence", action="store_true",
+                   help="also list, in launch order, the kernels of one decoder layer (the second layer of "
+                        "the first traced token: from its first NVFP4 GEMM to the next layer's)")
+    p.add_argument("--no-fuse-neighbours", dest="fuse_neighbours", action="store_false",
+                   help="norms, SwiGLU and residual adds as separate ops (as examples/decode.py's flag)")
     p.add_argument("--hlo", metavar="DIR", help="also write each model's compiled HLO (text) into DIR")
     p.add_argument("--lm-head", choices=("bf16", "nvfp4"), default="nvfp4",
                    help="the NVFP4 models' lm_head (as examples/decode.py --lm-head; random weights: nvfp4)")
@@ -87,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         head = "bf16" if lin == "bf16" else args.lm_head
         params = base if lin == "bf16" else nvfp4_params(base, lin, packing, None, scales if lin == "w4a4" else None,
                                                          head)
-        model = Decoder(cfg, lin, packing, lin == "w4a4", True, head)
+        model = Decoder(cfg, lin, packing, lin == "w4a4", True, args.fuse_neighbours, head=head)
         run = decode.compile_all(decode.make_generate(model), params, cfg, [b], max_len)[b]
         if args.hlo:
             Path(args.hlo).mkdir(parents=True, exist_ok=True)
@@ -115,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         roles = gemm_roles(events, n, cfg.layers) if lin != "bf16" else []
         if roles:
             print("  NVFP4 GEMMs, median us by projection: " + ", ".join(f"{r} {us:.2f}" for r, us in roles))
+        if args.sequence and lin != "bf16":
+            print_layer_sequence(events)
         for name, us in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
             print(f"  {sum(us) / n:9.1f} us/token  {len(us) / n:6.1f}/token  {sum(us) / len(us):8.2f} us each  "
                   f"{name[:100]}")

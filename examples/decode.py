@@ -255,6 +255,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, help="KV-cache length (default prompt-len + tokens + 1)")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="separate q/k/v and gate/up projections (default: fused qkv_proj, gate_up_proj)")
+    p.add_argument("--no-fuse-neighbours", dest="fuse_neighbours", action="store_false",
+                   help="the NVFP4 models run their RMSNorms, SwiGLU and residual adds as separate ops "
+                   "(default: passed to the projections, jaxfp4.matmul's prologue and residual)")
     p.add_argument("--dynamic-act-scale", action="store_true", help="W4A4: dynamic activation global "
                    "scales (an amax pass per projection), not static ones (the checkpoint's or calibrated)")
     p.add_argument("--calib-seqs", type=int, default=4, help="extra random sequences to calibrate on")
@@ -311,6 +314,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
           f"ffn {cfg.ffn}, vocab {cfg.vocab}; prompt {args.prompt_len}, decode {args.tokens} tokens")
     print("projections: " + ("fused qkv_proj, gate_up_proj" if fused else "unfused (--no-fuse)" if not args.fuse
                              else "unfused (the checkpoint's q/k/v or gate/up global scales differ)"))
+    print("NVFP4 models: RMSNorms, SwiGLU and residual adds " +
+          ("in the projections (jaxfp4.matmul prologue/residual)" if args.fuse_neighbours
+           else "as separate ops (--no-fuse-neighbours)"))
     head, how = lm_head(args, cfg, ckpt)
     print(how)
     prompts = {b: jax.random.randint(jax.random.key(args.seed + b), (b, args.max_len), 0, cfg.vocab, jnp.int32)
@@ -329,7 +335,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             params, model = base, Decoder(cfg, linear, fused=fused)
         else:
             params = nvfp4_params(base, linear, packing, ckpt, scales if static else None, head)
-            model = Decoder(cfg, linear, packing, static, fused, head)
+            model = Decoder(cfg, linear, packing, static, fused, args.fuse_neighbours, head=head)
         bar.set_postfix_str(f"compiling {model_name}")
         t0 = time.perf_counter()
         runs = compile_all(make_generate(model), params, cfg, args.batches, args.max_len)

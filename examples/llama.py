@@ -99,14 +99,19 @@ def rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
+    """HF's LlamaRMSNorm; `spec()` is the norm as a jaxfp4.RMSNorm, which an
+    NVFP4 projection applies as its prologue (and which computes __call__)."""
+    dim: int
     eps: float
 
-    @nn.compact
+    def setup(self) -> None:
+        self.weight = self.param("weight", nn.initializers.ones, (self.dim,), jnp.bfloat16)
+
+    def spec(self) -> jaxfp4.RMSNorm:
+        return jaxfp4.RMSNorm(self.weight, self.eps)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.bfloat16)
-        x32 = x.astype(jnp.float32)
-        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-        return (y * w.astype(jnp.float32)).astype(x.dtype)
+        return self.spec()(x)
 
 
 class Embed(nn.Module):
@@ -134,16 +139,30 @@ class Projections(nn.Module):
     packing: str | None = None
     static_input_scale: bool = False
     fused: bool = True  # qkv_proj and gate_up_proj instead of their parts
+    # The norms, the SwiGLU and the residual adds passed to the NVFP4 projections
+    # (jaxfp4.matmul's prologue and residual: inside the GEMM kernel on the GPU
+    # at decode batch sizes); False, or bf16: as separate ops. The same model.
+    fuse_neighbours: bool = True
 
     def settings(self) -> dict[str, Any]:
         return dict(cfg=self.cfg, linear=self.linear, packing=self.packing,
-                    static_input_scale=self.static_input_scale, fused=self.fused)
+                    static_input_scale=self.static_input_scale, fused=self.fused,
+                    fuse_neighbours=self.fuse_neighbours)
 
-    def projs(self, name: str, x: jax.Array, *features: int) -> list[jax.Array]:
-        """The outputs of FUSED[name]'s parts (of these features) for input x."""
+    def apply_proj(self, name: str, features: int, x: jax.Array, prologue: Any = None,
+                   residual: jax.Array | None = None) -> jax.Array:
+        """residual + proj(prologue(x)): one jaxfp4 Dense call, or separate ops."""
+        layer = self.proj(name, features)
+        if self.linear != "bf16" and self.fuse_neighbours:
+            return layer(x, prologue=prologue, residual=residual)
+        y = layer(prologue(x) if prologue is not None else x)
+        return y if residual is None else residual + y
+
+    def projs(self, name: str, x: jax.Array, *features: int, prologue: Any = None) -> list[jax.Array]:
+        """The outputs of FUSED[name]'s parts (of these features) for input prologue(x)."""
         if not self.fused:
-            return [self.proj(part, n)(x) for part, n in zip(FUSED[name], features)]
-        return jnp.split(self.proj(name, sum(features))(x), np.cumsum(features[:-1]), axis=-1)
+            return [self.apply_proj(part, n, x, prologue) for part, n in zip(FUSED[name], features)]
+        return jnp.split(self.apply_proj(name, sum(features), x, prologue), np.cumsum(features[:-1]), axis=-1)
 
     def proj(self, name: str, features: int) -> nn.Module:
         bias = any(part in self.cfg.bias for part in FUSED.get(name, (name,)))
@@ -156,13 +175,16 @@ class Projections(nn.Module):
 
 
 class Attention(Projections):
+    """x + attention(norm(x)), and the updated cache."""
+
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array,
+    def __call__(self, x: jax.Array, norm: jaxfp4.RMSNorm, positions: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, Any]:
         c = self.cfg
         b, s, _ = x.shape
         q, k, v = (y.reshape(b, s, -1, c.head_dim) for y in
-                   self.projs("qkv_proj", x, *(n * c.head_dim for n in (c.heads, c.kv_heads, c.kv_heads))))
+                   self.projs("qkv_proj", x, *(n * c.head_dim for n in (c.heads, c.kv_heads, c.kv_heads)),
+                              prologue=norm))
         freqs = inv_freq(c)
         q, k = rope(q, positions, freqs), rope(k, positions, freqs)
         if kv is None:  # no cache: attend to this call's tokens
@@ -178,24 +200,30 @@ class Attention(Projections):
         scores = jnp.where(mask, scores / math.sqrt(c.head_dim), -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, c.heads * c.head_dim)
-        return self.proj("o_proj", c.hidden)(out), kv
+        return self.apply_proj("o_proj", c.hidden, out, residual=x), kv
 
 
 class MLP(Projections):
+    """x + mlp(norm(x)): SwiGLU (jaxfp4.SwiGLU, float32 inside)."""
+
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = self.projs("gate_up_proj", x, self.cfg.ffn, self.cfg.ffn)
-        return self.proj("down_proj", self.cfg.hidden)(nn.silu(gate) * up)
+    def __call__(self, x: jax.Array, norm: jaxfp4.RMSNorm) -> jax.Array:
+        c = self.cfg
+        if self.fused:  # down_proj takes gate_up_proj's [gate | up] through its prologue
+            gate_up = self.apply_proj("gate_up_proj", 2 * c.ffn, x, norm)
+            return self.apply_proj("down_proj", c.hidden, gate_up, jaxfp4.SwiGLU(), residual=x)
+        gate, up = self.projs("gate_up_proj", x, c.ffn, c.ffn, prologue=norm)
+        return self.apply_proj("down_proj", c.hidden, jaxfp4.SwiGLU()(jnp.concatenate([gate, up], -1)),
+                               residual=x)
 
 
 class Block(Projections):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, kv: Any) -> tuple[jax.Array, Any]:
-        kw = self.settings()
-        h, kv = Attention(**kw, name="self_attn")(RMSNorm(self.cfg.norm_eps, name="input_layernorm")(x),
+        kw, c = self.settings(), self.cfg
+        x, kv = Attention(**kw, name="self_attn")(x, RMSNorm(c.hidden, c.norm_eps, name="input_layernorm").spec(),
                                                   positions, kv)
-        x = x + h
-        x = x + MLP(**kw, name="mlp")(RMSNorm(self.cfg.norm_eps, name="post_attention_layernorm")(x))
+        x = MLP(**kw, name="mlp")(x, RMSNorm(c.hidden, c.norm_eps, name="post_attention_layernorm").spec())
         return x, kv
 
 
@@ -212,7 +240,7 @@ class Decoder(Projections):
         c = self.cfg
         self.embed_tokens = Embed(c.vocab, c.hidden)  # the lookup stays bf16, tied or not
         self.layers = [Block(**self.settings()) for _ in range(c.layers)]  # named layers_0, layers_1, ...
-        self.norm = RMSNorm(c.norm_eps)
+        self.norm = RMSNorm(c.hidden, c.norm_eps)
         if self.head == "nvfp4":  # tied: a quantized copy of embed_tokens' table
             # float32 logits (bf16 ones would turn near-equal tokens into ties), from
             # the GEMM's float32 accumulator on the kernel's fast bf16 path.
@@ -228,11 +256,12 @@ class Decoder(Projections):
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, positions, None if cache is None else cache[i])
             new_cache.append(kv)
-        x = self.norm(x)
-        if self.head == "nvfp4":
-            logits = self.lm_head(x)
+        if self.head == "nvfp4" and self.fuse_neighbours:
+            logits = self.lm_head(x, prologue=self.norm.spec())
+        elif self.head == "nvfp4":
+            logits = self.lm_head(self.norm(x))
         else:
-            logits = (self.embed_tokens if self.cfg.tie_embeddings else self.lm_head).attend(x)
+            logits = (self.embed_tokens if self.cfg.tie_embeddings else self.lm_head).attend(self.norm(x))
         return logits, None if cache is None else new_cache
 
 

@@ -22,7 +22,7 @@ import pytest
 from flax import traverse_util
 
 import jaxfp4
-from jaxfp4.primitives.gemm import gemm_p
+from jaxfp4.primitives.fused_gemm import fused_gemm_p
 from jaxfp4.primitives.gemm import gemm_p
 from jaxfp4.primitives.quantize import quantize_p
 
@@ -120,6 +120,32 @@ def test_fused_projections_are_the_same_bf16_model():
     assert decode.parse_args(["--no-fuse"]).fuse is False and decode.parse_args([]).fuse is True
 
 
+def test_neighbours_fused_into_the_nvfp4_projections():
+    """W4A16 decode step: every projection and the lm_head is one fused GEMM taking the
+    layer's norm (qkv_proj, gate_up_proj, lm_head), the SwiGLU (down_proj) or the residual
+    (o_proj, down_proj); the logits are those of the same ops run separately."""
+    cfg = decode.CONFIGS["tiny"]
+    with _cpu():
+        base = decode.random_params(cfg, seed=6)
+        params = decode.nvfp4_params(base, "w4a16", None, head="nvfp4")
+        cache, tok, pos = decode.init_cache(cfg, 2, 8), jnp.zeros((2, 1), jnp.int32), jnp.array([3])
+        model = decode.Decoder(cfg, "w4a16", head="nvfp4")
+        jaxpr = jax.make_jaxpr(lambda p, c: model.apply({"params": p}, tok, pos, c))(params, cache).jaxpr
+        fused = [(e.params["prologue"], e.invars[-1].aval.size > 0) for e in _eqns(jaxpr, fused_gemm_p)]
+        layer = [("rms_norm", False), ("none", True), ("rms_norm", False), ("swiglu", True)]
+        assert fused == layer * cfg.layers + [("rms_norm", False)]
+        assert not list(_eqns(jaxpr, gemm_p))
+        # Op by op the same bits (under jit XLA may keep an unfused residual sum in float32
+        # for the norm that reads it: excess precision, about a bf16 ulp per layer).
+        tokens = jax.random.randint(jax.random.key(7), (2, 6), 0, cfg.vocab, jnp.int32)
+        a, b = (decode.Decoder(cfg, "w4a16", head="nvfp4", fuse_neighbours=f) for f in (True, False))
+        with jax.disable_jit():
+            a, b = (m.apply({"params": params}, tokens, jnp.arange(6))[0] for m in (a, b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    args = decode.parse_args(["--no-fuse-neighbours"])
+    assert args.fuse_neighbours is False and decode.parse_args([]).fuse_neighbours is True
+
+
 def _eqns(jaxpr, primitive=quantize_p):
     """The equations of `primitive` in a jaxpr, its sub-jaxprs' included."""
     for eqn in jaxpr.eqns:
@@ -146,7 +172,7 @@ def test_calibrated_static_input_scales():
         for path, g in scales.items():
             assert g.shape == () and g.dtype == jnp.float32 and np.isfinite(g) and g > 0, (path, g)
         # Layer 0's qkv_proj sees input_layernorm(embed(tokens)): g_a = its amax / (6 * 448).
-        x = decode.RMSNorm(cfg.norm_eps).apply({"params": params["layers_0"]["input_layernorm"]},
+        x = decode.RMSNorm(cfg.hidden, cfg.norm_eps).apply({"params": params["layers_0"]["input_layernorm"]},
                                                jnp.take(params["embed_tokens"]["weight"], tokens, axis=0))
         assert float(scales[("layers_0", "self_attn", "qkv_proj")]) == pytest.approx(
             float(jnp.max(jnp.abs(x))) / 2688, rel=1e-6)
@@ -172,8 +198,9 @@ def test_calibrated_static_input_scales():
             jaxpr = jax.make_jaxpr(lambda p, c, m=model: m.apply({"params": p}, tok, pos, c))(p, cache)
             quantizes = list(_eqns(jaxpr.jaxpr))
             modes = [e.params["mode"] for e in _eqns(jaxpr.jaxpr, gemm_p)]
-            if is_static:
-                assert not quantizes and modes == ["w4a4_quantize_a"] * (4 * cfg.layers)
+            if is_static:  # each with its neighbours (norm, SwiGLU, residual): one fused op
+                fused = [e.params["quantize_a"] for e in _eqns(jaxpr.jaxpr, fused_gemm_p)]
+                assert not quantizes and not modes and fused == [True] * (4 * cfg.layers)
             else:
                 assert len(quantizes) == 4 * cfg.layers and modes == ["w4a4"] * (4 * cfg.layers)
                 assert all(e.params["dynamic"] and len(e.invars) == 1 for e in quantizes)
@@ -306,10 +333,10 @@ def test_nvfp4_lm_head(tied):
             for p, h in ((bf16_head, "bf16"), (nvfp4_head, "nvfp4")):
                 model = decode.Decoder(cfg, linear, head=h)
                 jaxpr = jax.make_jaxpr(lambda p, c, m=model: m.apply({"params": p}, tok, pos, c))(p, cache).jaxpr
-                gemms = list(_eqns(jaxpr, gemm_p))
+                gemms = list(_eqns(jaxpr, gemm_p)) + list(_eqns(jaxpr, fused_gemm_p))  # fused: W4A16
                 assert len(gemms) == projs + (h == "nvfp4"), (linear, h)
                 out = {np.dtype(jnp.bfloat16): "projection", np.dtype(np.float32): "lm_head"}
-                modes = sorted((out[e.params["out_dtype"]], e.params["mode"]) for e in gemms)
+                modes = sorted((out[e.params["out_dtype"]], e.params.get("mode", "w4a16")) for e in gemms)
                 assert modes == [("lm_head", "w4a16")] * (h == "nvfp4") + [("projection", linear)] * projs
                 assert len(list(_eqns(jaxpr))) == (projs if linear == "w4a4" else 0)
 
