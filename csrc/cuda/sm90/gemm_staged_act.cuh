@@ -78,6 +78,24 @@ struct StageIter {
   }
 };
 
+// Rounds of kStageUnroll items every thread walks alike (the rows' vectors, padding included).
+__device__ __forceinline__ int stage_rounds(int rows, int vp, int nthreads) {
+  return (rows * vp + kStageUnroll * nthreads - 1) / (kStageUnroll * nthreads);
+}
+
+// One round's items: rr[u] their row (-1: none), vv[u] their vector, in[u]
+// load(r, v) for those inside K (else left as it was); all loads issued first.
+template <typename In, typename Load>
+__device__ __forceinline__ void load_round(StageIter& it, int v_in, Load load, In (&in)[kStageUnroll],
+                                           int (&rr)[kStageUnroll], int (&vv)[kStageUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kStageUnroll; ++u, it.next()) {
+    rr[u] = it.valid() ? it.r : -1;
+    vv[u] = it.v;
+    if (rr[u] >= 0 && vv[u] < v_in) in[u] = load(rr[u], vv[u]);
+  }
+}
+
 // The rows' vectors into `act`: compute(r, load(r, v)) for v < K / 8, zero from
 // there to the chunk padding. The rounds are counted alike in every thread and
 // compute runs in every lane (on zeros for a lane without an item), so it may
@@ -87,17 +105,12 @@ __device__ __forceinline__ void stage_rows(int rows, int K, unsigned char* act, 
                                            Compute compute) {
   const int v_in = K / 8, vp = (K + kChunk - 1) / kChunk * (kChunk / 8);
   const int64_t stride = qa_row_bytes(K);
-  const int rounds = (rows * vp + kStageUnroll * nthreads - 1) / (kStageUnroll * nthreads);
+  const int rounds = stage_rounds(rows, vp, nthreads);
   StageIter it(tid, vp, rows, nthreads);
   for (int round = 0; round < rounds; ++round) {
     In in[kStageUnroll] = {};
     int rr[kStageUnroll], vv[kStageUnroll];
-#pragma unroll
-    for (int u = 0; u < kStageUnroll; ++u, it.next()) {
-      rr[u] = it.valid() ? it.r : -1;
-      vv[u] = it.v;
-      if (rr[u] >= 0 && vv[u] < v_in) in[u] = load(rr[u], vv[u]);
-    }
+    load_round(it, v_in, load, in, rr, vv);
 #pragma unroll
     for (int u = 0; u < kStageUnroll; ++u) {
       const uint4 y = compute(max(rr[u], 0), in[u]);
@@ -143,21 +156,16 @@ __device__ __forceinline__ void rms_norm_rows(const Params& p, unsigned char* ac
 #pragma unroll
   for (int r = 0; r < 8; ++r) s[r] = 0.0f;
   StageIter it(tid, vp, rows, nthreads);
-  const int rounds = (rows * vp + kStageUnroll * nthreads - 1) / (kStageUnroll * nthreads);  // uniform
+  const int rounds = stage_rounds(rows, vp, nthreads);
   for (int round = 0; round < rounds; ++round) {
     TwoVecs in[kStageUnroll] = {};
-#pragma unroll
-    for (int u = 0; u < kStageUnroll; ++u, it.next()) {
-      rr[u] = it.valid() ? it.r : -1;
-      vv[u] = it.v;
-      if (rr[u] >= 0 && vv[u] < v_in) in[u] = load(rr[u], vv[u]);
-    }
+    load_round(it, v_in, load, in, rr, vv);
 #pragma unroll
     for (int u = 0; u < kStageUnroll; ++u) {
       if (rr[u] >= 0 && vv[u] < v_in) {
         const float t = sum_squares8(in[u].x);
 #pragma unroll
-        for (int q = 0; q < 8; ++q)  // s[] stays in registers: no dynamic index
+        for (int q = 0; q < 8; ++q)  // (ptxas keeps s[] in local memory, indexed by rr[u]: prologue only)
           if (q == rr[u]) s[q] += t;
       }
       if (round == 0) first[u] = in[u];
