@@ -15,8 +15,9 @@ A prologue maps the activations a [..., M, K_in] to the GEMM's [..., M, K]
 to the GEMM's output, rounded as `residual + matmul(...)` would round it.
 The classes below are also the reference of each prologue (calling one
 applies it with jnp): the GPU kernel stages the same values, computed in
-float32 and rounded once (its sum of squares and exp may differ from XLA's
-in the last float32 bit, so a staged value can differ by one bf16 ulp).
+float32 and rounded once, but its sum of squares runs in another order and
+its rsqrt, exp and division are the hardware approximations (a few float32
+ulp), so a staged value near a rounding tie can land one bf16 ulp away.
 
 Both are pytrees, so they pass through jit and vmap like arrays.
 """

@@ -242,3 +242,34 @@ def test_dense_errors_name_the_layer(rng):
     # SwiGLU takes [gate | up]: x of 2K = 96 is K = 48, not the weight's 64
     with pytest.raises(ValueError, match=r"Dense at 'o_proj': the last dim of x \(K=48\) does not match the weight \(K=64"):
         layer.apply(params, _act(rng, (2, 96)), prologue=jaxfp4.SwiGLU())
+
+
+def test_dense_prologue_under_remat_and_scan(rng):
+    """The prologue (a pytree) and residual pass through nn.remat and nn.scan (stacked layers)."""
+    import flax.linen as nn
+    from jaxfp4.flax import Dense
+    k = 64
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            norm = jaxfp4.RMSNorm(self.param("norm", nn.initializers.ones, (k,), jnp.bfloat16), 1e-5)
+            return Dense(k, weight_packing="sm90", name="proj")(x, prologue=norm, residual=x), None
+
+    x = _act(rng, (2, 3, k))
+    for cls in (nn.remat(Block), nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                                         length=3)):
+        model = cls()
+        params = model.init(jax.random.key(0), x, None)
+        got, _ = jax.jit(model.apply)(params, x, None)
+        assert got.shape == x.shape and got.dtype == jnp.bfloat16
+        # the same as the block written out, layer by layer
+        p = params["params"]
+        layers = [jax.tree.map(lambda v, i=i: v[i], p) for i in range(3)] if "norm" in p and p["norm"].ndim == 2 \
+            else [p]
+        want = x
+        for lp in layers:
+            dense = {"params": lp["proj"]}
+            want = Dense(k, weight_packing="sm90").apply(dense, jaxfp4.RMSNorm(lp["norm"], 1e-5)(want)) + want
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=0, atol=0.02 * float(np.abs(np.asarray(want, np.float32)).max()))
