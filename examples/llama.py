@@ -8,7 +8,11 @@ of the table); embeddings
 (the token lookup) and norms stay bf16. Fused (the default), the projections
 that share an input have their weights concatenated along the outputs: qkv_proj
 (split into q, k, v) and gate_up_proj (gate, up): fewer, larger GEMMs and, for
-W4A4, fewer activation quantizations. Weights: random_params (scaled normal,
+W4A4, fewer activation quantizations. With fuse_neighbours (the default) the
+NVFP4 projections take the layer's RMSNorms and SwiGLU as prologues and its
+residual adds (jaxfp4.matmul's prologue and residual: in the GEMM kernel on the
+GPU at decode batch sizes); the same model as the separate ops, which the bf16
+model runs. Weights: random_params (scaled normal,
 made on the device per projection; fused or not, the same bf16 model),
 checkpoint_params (a jaxfp4.checkpoint's linears dequantized, the bf16
 baseline; its parts concatenate exactly only if their global scales are equal,

@@ -141,6 +141,12 @@ def test_neighbours_fused_into_the_nvfp4_projections():
         a, b = (decode.Decoder(cfg, "w4a16", head="nvfp4", fuse_neighbours=f) for f in (True, False))
         with jax.disable_jit():
             a, b = (m.apply({"params": params}, tokens, jnp.arange(6))[0] for m in (a, b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # W4A4 with separate q/k/v and gate/up projections: each takes the norm, down_proj the SwiGLU
+        sep = decode.nvfp4_params(decode.random_params(cfg, seed=6, fused=False), "w4a4", None)
+        a, b = (decode.Decoder(cfg, "w4a4", fused=False, fuse_neighbours=f) for f in (True, False))
+        with jax.disable_jit():
+            a, b = (m.apply({"params": sep}, tokens, jnp.arange(6))[0] for m in (a, b))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     args = decode.parse_args(["--no-fuse-neighbours"])
     assert args.fuse_neighbours is False and decode.parse_args([]).fuse_neighbours is True
