@@ -200,43 +200,45 @@ def _matmul_fused(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: A
                             f"got {type(prologue).__name__}")
         if isinstance(a, NVFP4Tensor):
             raise TypeError("a prologue transforms float activations: a must not be an NVFP4Tensor")
-        a = _check_matrix(a, "a", "[..., M, K] activations")
-        k_in = prologue.in_features(k)
-        if a.shape[-1] != k_in:
-            raise ValueError(f"with prologue {prologue!r}, a must have last dim {k_in} for b of K={k} "
-                             f"({'[gate | up]: 2K' if k_in != k else 'K'}), got a of shape {tuple(a.shape)}")
         if isinstance(prologue, RMSNorm):
             w = prologue.weight
             if tuple(getattr(w, "shape", (None,))) != (k,):
                 raise ValueError(f"RMSNorm.weight must have shape ({k},) (K of b), got "
                                  f"{getattr(w, 'shape', type(w).__name__)}")
             _check_float_dtype(w.dtype, "RMSNorm.weight.dtype")
+    k_in = prologue.in_features(k) if prologue is not None else k
+    if not isinstance(a, NVFP4Tensor):
+        a = _check_matrix(a, "a", "[..., M, K] activations, or an NVFP4Tensor")
+        if a.shape[-1] != k_in and prologue is not None:
+            raise ValueError(f"with prologue {prologue!r}, a must have last dim {k_in} for b of K={k} "
+                             f"({'[gate | up]: 2K' if k_in != k else 'K'}), got a of shape {tuple(a.shape)}")
+        if a.shape[-1] != k_in:
+            raise ValueError(f"a and b must share K: a is {describe(a)} (K={a.shape[-1]}), b is {describe(b)} "
+                             f"(K={k})")
+    *a_lead, m, _ = a.shape
+    try:
+        lead = tuple(np.broadcast_shapes(tuple(a_lead), tuple(b.batch_shape)))
+    except ValueError:
+        raise ValueError(f"the leading batch axes of a {tuple(a_lead)} and b {b.batch_shape} do not broadcast") from None
     out_dt = kw["out_dtype"]
     if residual is not None:
         residual = jnp.asarray(residual)
         if residual.dtype != out_dt:
             raise TypeError(f"residual must have out_dtype {np.dtype(out_dt).name}, got {residual.dtype}")
-    nb = len(b.batch_shape)
+        if tuple(residual.shape) != (*lead, m, n):
+            raise ValueError(f"residual must have the output's shape {(*lead, m, n)}, got {tuple(residual.shape)}")
     g_a = kw["input_scale"]
     if (isinstance(a, NVFP4Tensor) or any(d != 1 for d in b.batch_shape)
             or (g_a is not None and np.ndim(g_a) != 0)):
-        x = prologue(a) if prologue is not None else a
-        y = matmul(x, b, **kw)
-        return y if residual is None else _residual_add(y, residual)
-    a = _check_matrix(a, "a", "[..., M, K] activations, or an NVFP4Tensor")
-    k_in = prologue.in_features(k) if prologue is not None else k
-    if a.shape[-1] != k_in:
-        raise ValueError(f"a and b must share K: a is {describe(a)} (K={a.shape[-1]}), b is {describe(b)} (K={k})")
-    *a_lead, m, _ = a.shape
-    lead = tuple(np.broadcast_shapes(tuple(a_lead), tuple(b.batch_shape)))
-    if residual is not None and tuple(residual.shape) != (*lead, m, n):
-        raise ValueError(f"residual must have the output's shape {(*lead, m, n)}, got {tuple(residual.shape)}")
+        y = matmul(prologue(a) if prologue is not None else a, b, **kw)
+        return y if residual is None else add_residual(y, residual)
     rows = int(np.prod(lead, dtype=np.int64)) * m
     a2 = jnp.broadcast_to(a, (*lead, m, k_in)).reshape(rows, k_in)
     kind = "none" if prologue is None else prologue.kind
     norm_w = jnp.asarray(prologue.weight) if kind == "rms_norm" else jnp.zeros((0,), a.dtype)
     res = residual.reshape(rows, n) if residual is not None else jnp.zeros((0,), out_dt)
     a_g = _global_scale(g_a, (), "input_scale") if g_a is not None else jnp.zeros((0,), jnp.float32)
+    nb = len(b.batch_shape)
     data, scales = (x.reshape(x.shape[nb:]) for x in (b.data, b.scales))
     (out,) = fused_gemm_p.bind(a2, norm_w, a_g, data, scales, b.global_scale.reshape(()), res, prologue=kind,
                                eps=prologue.eps if kind == "rms_norm" else 0.0, quantize_a=g_a is not None,
@@ -244,12 +246,6 @@ def _matmul_fused(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: A
                                    kw["input_sf_layout"] or fmt.activation_sf_layout(rows, SMALL_M_MAX)),
                                b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dt)
     return out.reshape(*lead, m, n)
-
-
-def _residual_add(y: jax.Array, residual: jax.Array) -> jax.Array:
-    if tuple(residual.shape) != tuple(y.shape):
-        raise ValueError(f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
-    return add_residual(y, residual)
 
 
 def _with_rank(t: NVFP4Tensor, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:

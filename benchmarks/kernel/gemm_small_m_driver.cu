@@ -291,7 +291,6 @@ static bool run_case(const Case& cs, bool verbose) {
   Lc.a4 = cs.mode == 2;
   Lc.packed = cs.packed;
   Lc.qa = cs.mode == 3;
-  Lc.fused = fused;
   Lc.p.prologue = !fused ? kPrologueNone : rms ? kPrologueRmsNorm : kPrologueSwiGlu;
   if (fused && !quantized) Lc.p.a_g = nullptr;  // W4A16: the fused kernel's W4A4 flag is a_g
   Lc.p.norm_w = reinterpret_cast<const __nv_bfloat16*>(dnorm);
@@ -325,7 +324,7 @@ static bool run_case(const Case& cs, bool verbose) {
     CK(cudaMemset(dout2, 0xFF, out_bytes));
     Launch L4 = Lc;
     L4.qa = false;
-    L4.fused = false;
+    L4.p.prologue = kPrologueNone;
     L4.a4 = true;
     L4.p.a = dqd;
     L4.p.a_sf = dqs;

@@ -1,5 +1,8 @@
-// Small PTX wrappers the CUDA kernels share.
+// Small PTX wrappers and bit conversions the CUDA kernels share.
 #pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -11,6 +14,33 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t r;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
   return r;
+}
+
+// The float32 value of a 16-bit float given by its bits (the low half of h), exactly.
+template <typename T>
+__device__ __forceinline__ float half_bits_to_float(uint32_t h);
+template <>
+__device__ __forceinline__ float half_bits_to_float<__nv_bfloat16_raw>(uint32_t h) {
+  return __uint_as_float(h << 16);
+}
+template <>
+__device__ __forceinline__ float half_bits_to_float<__nv_bfloat16>(uint32_t h) {
+  return __uint_as_float(h << 16);
+}
+template <>
+__device__ __forceinline__ float half_bits_to_float<__half>(uint32_t h) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
+}
+
+// The 8 values of a 16-byte load of 16-bit floats T, in order, as float32.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& v, float (&x)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = half_bits_to_float<T>(w[i] & 0xFFFFu);
+    x[2 * i + 1] = half_bits_to_float<T>(w[i] >> 16);
+  }
 }
 
 }  // namespace jaxfp4

@@ -288,7 +288,6 @@ struct Launch {
   bool a4 = false;
   bool packed = false;
   bool qa = false;    // W4A4 with bf16 activations quantized in the kernel (packed, M <= 8)
-  bool fused = false; // W4A16 with a fused prologue (p.prologue; packed, bf16, M <= 8)
 };
 
 template <typename T, int NT, bool PACKED, bool A4>
@@ -436,7 +435,8 @@ cudaError_t launch_nt(const Launch& L, cudaStream_t stream, const char** name) {
 // Launches the GEMM described by L (already validated); *name gets the kernel's name.
 cudaError_t launch(const Launch& L, cudaStream_t stream, const char** name) {
   if (L.qa) return launch_packed<__nv_bfloat16, 1, false, kActQuantize>(L, stream, name);
-  if (L.fused) return launch_packed<__nv_bfloat16, 1, false, kActFused>(L, stream, name);
+  // A fused prologue (W4A16, or W4A4 where p.a_g is set): packed, bf16, M <= 8.
+  if (L.p.prologue != kPrologueNone) return launch_packed<__nv_bfloat16, 1, false, kActFused>(L, stream, name);
   if (L.a4) {
     return L.packed ? launch_nt<__nv_bfloat16, true, true>(L, stream, name)
                     : launch_nt<__nv_bfloat16, false, true>(L, stream, name);
@@ -733,8 +733,7 @@ ffi::Error GemmFusedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer n
   }
   L.f16 = false;
   L.a4 = false;
-  L.fused = prologue != kPrologueNone;
-  L.qa = w4a4 && !L.fused;
+  L.qa = w4a4 && prologue == kPrologueNone;
   L.p.prologue = prologue;
   L.p.eps = eps;
   set_act(a, M, K, w4a4 ? static_cast<const float*>(a_g.untyped_data()) : nullptr, &L);

@@ -35,19 +35,6 @@ __device__ __forceinline__ void consumers_sync(int nc) {
   asm volatile("bar.sync 1, %0;" ::"r"(nc * 32) : "memory");
 }
 
-__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
-
-// The 8 values of a 16-byte load, as floats.
-__device__ __forceinline__ void unpack8(const uint4& v, float (&x)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    x[2 * i] = bf16_lo(w[i]);
-    x[2 * i + 1] = bf16_hi(w[i]);
-  }
-}
-
 __device__ __forceinline__ uint4 pack8(const float (&y)[8]) {
   return make_uint4(pack_bf16x2(y[1], y[0]), pack_bf16x2(y[3], y[2]), pack_bf16x2(y[5], y[4]),
                     pack_bf16x2(y[7], y[6]));
@@ -126,7 +113,7 @@ struct TwoVecs {
 
 __device__ __forceinline__ float sum_squares8(const uint4& v) {
   float x[8], t = 0.0f;
-  unpack8(v, x);
+  unpack8<__nv_bfloat16>(v, x);
 #pragma unroll
   for (int i = 0; i < 8; ++i) t = fmaf(x[i], x[i], t);
   return t;
@@ -190,8 +177,8 @@ __device__ __forceinline__ void rms_norm_rows(const Params& p, unsigned char* ac
   auto compute = [my_rstd](int r, const TwoVecs& in) {
     const float rstd = __shfl_sync(0xFFFFFFFFu, my_rstd, r);
     float x[8], w[8], y[8];
-    unpack8(in.x, x);
-    unpack8(in.y, w);
+    unpack8<__nv_bfloat16>(in.x, x);
+    unpack8<__nv_bfloat16>(in.y, w);
 #pragma unroll
     for (int i = 0; i < 8; ++i) y[i] = x[i] * rstd * w[i];
     return pack8(y);
@@ -224,8 +211,8 @@ __device__ __forceinline__ void swiglu_rows(const Params& p, unsigned char* act,
       },
       [](int, const TwoVecs& in) {
         float gate[8], up[8], y[8];
-        unpack8(in.x, gate);
-        unpack8(in.y, up);
+        unpack8<__nv_bfloat16>(in.x, gate);
+        unpack8<__nv_bfloat16>(in.y, up);
 #pragma unroll
         for (int i = 0; i < 8; ++i) y[i] = __fdividef(gate[i], 1.0f + __expf(-gate[i])) * up[i];
         return pack8(y);

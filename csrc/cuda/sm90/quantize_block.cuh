@@ -40,7 +40,9 @@ struct Block16 {
     w[4] = c.x; w[5] = c.y; w[6] = c.z; w[7] = c.w;
   }
 
-  __device__ __forceinline__ float value(int i) const;
+  __device__ __forceinline__ float value(int i) const {
+    return half_bits_to_float<T>(i & 1 ? w[i / 2] >> 16 : w[i / 2] & 0xFFFFu);
+  }
 
   // max |x| of the 16, NaN if any is NaN: HMNMX2.NAN on sign-cleared pairs.
   // The two halves left are non-negative, so they compare as integers (NaN
@@ -58,7 +60,7 @@ struct Block16 {
 #pragma unroll
       for (int k = 0; k < s; ++k) m[k] = __hmax2_nan(m[k], m[k + s]);
     const uint32_t pair = *reinterpret_cast<const uint32_t*>(&m[0]);
-    return half_to_float(static_cast<uint16_t>(max(pair & 0xFFFFu, pair >> 16)));
+    return half_bits_to_float<T>(max(pair & 0xFFFFu, pair >> 16));
   }
 
   // Signs of elements first .. first+7 (first = 0 or 8) at bits 4i + 3: the
@@ -69,26 +71,7 @@ struct Block16 {
     const uint32_t a = prmt(v[0], v[1], 0x7531u), b = prmt(v[2], v[3], 0x7531u);
     return sign_bits8(prmt(a, b, 0xECA8u), prmt(a, b, 0xFDB9u));
   }
-
-  static __device__ __forceinline__ float half_to_float(uint16_t h);
 };
-
-template <>
-__device__ __forceinline__ float Block16<__nv_bfloat16_raw>::value(int i) const {
-  return __uint_as_float(i & 1 ? w[i / 2] & 0xFFFF0000u : w[i / 2] << 16);
-}
-template <>
-__device__ __forceinline__ float Block16<__nv_bfloat16_raw>::half_to_float(uint16_t h) {
-  return __uint_as_float(static_cast<uint32_t>(h) << 16);
-}
-template <>
-__device__ __forceinline__ float Block16<__half>::value(int i) const {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(i & 1 ? w[i / 2] >> 16 : w[i / 2] & 0xFFFFu)));
-}
-template <>
-__device__ __forceinline__ float Block16<__half>::half_to_float(uint16_t h) {
-  return __half2float(__ushort_as_half(h));
-}
 
 // float32 inputs: 16 words.
 struct BlockF32 {

@@ -69,8 +69,13 @@ struct QuantizeParams {
 };
 
 // Loads the 8 elements of a unit as float (exact conversions); the amax kernel's input.
+// bf16 and fp16: one 16-byte load.
 template <typename T>
-struct Load8;
+struct Load8 {
+  static __device__ __forceinline__ void run(const void* base, int64_t elem, float (&v)[8]) {
+    unpack8<T>(__ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + elem)), v);
+  }
+};
 
 template <>
 struct Load8<float> {
@@ -79,32 +84,6 @@ struct Load8<float> {
     const float4 a = __ldg(p), b = __ldg(p + 1);
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
     v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-  }
-};
-
-template <>
-struct Load8<__nv_bfloat16_raw> {
-  static __device__ __forceinline__ void run(const void* base, int64_t elem, float (&v)[8]) {
-    const uint4 w = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + elem));
-    const uint32_t u[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = __uint_as_float(u[i] << 16);
-      v[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
-    }
-  }
-};
-
-template <>
-struct Load8<__half> {
-  static __device__ __forceinline__ void run(const void* base, int64_t elem, float (&v)[8]) {
-    const uint4 w = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + elem));
-    const uint32_t u[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(u[i] & 0xFFFFu)));
-      v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(u[i] >> 16)));
-    }
   }
 };
 
