@@ -16,6 +16,7 @@
 
 #include "jaxfp4/registry.h"
 #include "device.cuh"
+#include "ptx.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -38,6 +39,12 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 
 __global__ void __launch_bounds__(kThreads) stream_read_kernel(const uint8_t* __restrict__ x, int64_t n,
                                                                 float* __restrict__ out) {
+  // Launched like the packed GEMM (a programmatic dependent launch, device.cuh),
+  // so that back-to-back calls overlap at least as much: it lets the next one
+  // start early and streams before waiting for the previous one, where the
+  // GEMM only prefetches into L2 before its wait. (So the checksum may see
+  // bytes the previous kernel is still writing; it means nothing anyway.)
+  allow_dependent_launch();
   const int64_t n16 = n / 16;
   const uint4* v = reinterpret_cast<const uint4*>(x);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -59,6 +66,7 @@ __global__ void __launch_bounds__(kThreads) stream_read_kernel(const uint8_t* __
     for (int64_t t = n16 * 16 + threadIdx.x; t < n; t += blockDim.x) acc ^= x[t];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc ^= __shfl_xor_sync(0xFFFFFFFFu, acc, o);
+    grid_dependency_wait();  // out may be what the previous kernel reads
     __shared__ uint32_t warp_acc[kThreads / 32];
     if ((threadIdx.x & 31) == 0) warp_acc[threadIdx.x >> 5] = acc;
     __syncthreads();
@@ -85,9 +93,9 @@ ffi::Error BenchStreamReadImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Resul
   const int64_t cap = static_cast<int64_t>(sm_count()) * kBlocksPerSm;
   int64_t blocks = (n16 + kThreads - 1) / kThreads;
   blocks = blocks < 1 ? 1 : (blocks > cap ? cap : blocks);
-  stream_read_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const uint8_t*>(x.untyped_data()), n, static_cast<float*>(out->untyped_data()));
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err =
+      launch_dependent(stream_read_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                       static_cast<const uint8_t*>(x.untyped_data()), n, static_cast<float*>(out->untyped_data()));
   if (err != cudaSuccess) {
     return ffi::Error::Internal(std::string("jaxfp4_bench_stream_read launch: ") + cudaGetErrorString(err));
   }

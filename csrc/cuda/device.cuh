@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstdlib>
+#include <utility>
 
 namespace jaxfp4 {
 
@@ -57,6 +59,42 @@ inline int resident_ctas(const void* kernel, int threads, size_t smem, std::atom
     cached.store(n, std::memory_order_relaxed);
   }
   return n;
+}
+
+// Programmatic dependent launch (sm_90+). A kernel launched this way may
+// start while the kernel before it on the stream is still finishing: as soon
+// as every CTA of that kernel has exited or executed
+// `griddepcontrol.launch_dependents`. It must execute `griddepcontrol.wait`
+// (grid_dependency_wait in ptx.cuh) before it reads anything an earlier kernel
+// may write or writes anything an earlier kernel may read; what it does before
+// (setup, L2 prefetches of its weights) overlaps the previous kernel's tail and
+// this launch's own latency. JAXFP4_PDL=0 in the environment turns it off (an
+// ordinary launch), for A/B timing.
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("JAXFP4_PDL");
+    return !(e != nullptr && e[0] == '0' && e[1] == '\0');
+  }();
+  return on;
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...) as a programmatic
+// dependent launch where pdl_enabled(), an ordinary one otherwise. Only for
+// kernels that call grid_dependency_wait() before touching inputs or outputs.
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                             Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace jaxfp4

@@ -198,6 +198,10 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   int t_begin, t_end;
   cta_share(p.tiles, t_begin, t_end);
   const int ngroups = (t_end - t_begin + kTPW - 1) / kTPW;
+  // A programmatic dependent launch of the next GEMM may begin as soon as every
+  // CTA is here: its CTAs take the SMs ours leave, and stream their weights
+  // into L2 while ours finish (they wait for our outputs before reading them).
+  allow_dependent_launch();
   if (ngroups <= 0) return;  // uniform over the CTA
   const int items = p.items;  // ring items per group: ceil(chunks / (nc * kCpi))
 
@@ -222,35 +226,54 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     // next stage once its consumers have released it.
     if (lane != 0) return;
     const int64_t tile_chunks = p.chunks;
-    int64_t first = static_cast<int64_t>(t_begin) * tile_chunks;  // chunk index of the group's first tile
+    const uint8_t* const b = p.b + pro.ib * p.b_stride;
+    const uint8_t* const b_sf = p.b_sf + pro.ib * p.b_sf_stride;
+    // Item n of the CTA's walk (group n / items, item n % items): its tiles
+    // (a one-tile group copies one), chunks, and the first tile's first chunk.
+    struct Item {
+      int ntp, nck;
+      int64_t src;
+    };
+    auto item_at = [&](int n) {
+      const int grp = n / items, c = (n - grp * items) * nc * kCpi;
+      return Item{min(kTPW, t_end - (t_begin + grp * kTPW)), min(nc * kCpi, p.chunks - c),
+                  (static_cast<int64_t>(t_begin) + grp * kTPW) * tile_chunks + c};
+    };
+    const int nitems = ngroups * items;
+    // Before the previous kernel has finished (programmatic dependent launch):
+    // the first ring-full of weights into L2 only, since the weights might be
+    // that kernel's output, and a prefetch, unlike a copy, cannot read them stale.
+    for (int n = 0; n < min(S, nitems); ++n) {
+      const Item w = item_at(n);
+      for (int tp = 0; tp < w.ntp; ++tp) {
+        prefetch_l2(b + (w.src + tp * tile_chunks) * kPackedChunkBytes, w.nck * kPackedChunkBytes);
+        prefetch_l2(b_sf + (w.src + tp * tile_chunks) * kPackedScaleBytes, w.nck * kPackedScaleBytes);
+      }
+    }
+    grid_dependency_wait();
     int qi = 0;
     uint32_t ph = 1;  // parity to wait for on `empty`: a fresh barrier's previous phase counts as complete
-    for (int grp = 0; grp < ngroups; ++grp, first += kTPW * tile_chunks) {
-      // A one-tile group copies one tile (the stage's second tile is not read).
-      const int ntp = min(kTPW, t_end - (t_begin + grp * kTPW));
-      for (int it = 0; it < items; ++it) {
-        const int c = it * nc * kCpi;
-        const int nck = min(nc * kCpi, p.chunks - c);  // chunks in this item
-        mbar_wait(empty + 8 * qi, ph);
-        const uint32_t dst = ring + qi * Cfg::kStageBytes, bar = full + 8 * qi;
-        mbar_expect_tx(bar, ntp * nck * (kPackedChunkBytes + kPackedScaleBytes));
-        for (int tp = 0; tp < ntp; ++tp) {
-          const int64_t src = first + tp * tile_chunks + c;
-          bulk_copy(dst + tp * kSC * kPackedChunkBytes, p.b + pro.ib * p.b_stride + src * kPackedChunkBytes,
-                    nck * kPackedChunkBytes, bar);
-          bulk_copy(dst + kTPW * kSC * kPackedChunkBytes + tp * kSC * kPackedScaleBytes,
-                    p.b_sf + pro.ib * p.b_sf_stride + src * kPackedScaleBytes, nck * kPackedScaleBytes, bar);
-        }
-        if (++qi == S) {
-          qi = 0;
-          ph ^= 1u;
-        }
+    for (int n = 0; n < nitems; ++n) {
+      const Item w = item_at(n);
+      mbar_wait(empty + 8 * qi, ph);
+      const uint32_t dst = ring + qi * Cfg::kStageBytes, bar = full + 8 * qi;
+      mbar_expect_tx(bar, w.ntp * w.nck * (kPackedChunkBytes + kPackedScaleBytes));
+      for (int tp = 0; tp < w.ntp; ++tp) {
+        const int64_t src = w.src + tp * tile_chunks;
+        bulk_copy(dst + tp * kSC * kPackedChunkBytes, b + src * kPackedChunkBytes, w.nck * kPackedChunkBytes, bar);
+        bulk_copy(dst + kTPW * kSC * kPackedChunkBytes + tp * kSC * kPackedScaleBytes, b_sf + src * kPackedScaleBytes,
+                  w.nck * kPackedScaleBytes, bar);
+      }
+      if (++qi == S) {
+        qi = 0;
+        ph ^= 1u;
       }
     }
     return;
   }
 
   // ---- consumers ---------------------------------------------------------------------
+  grid_dependency_wait();  // before the first read of a, the scales' g, the residual, or a store
   float acc[kTPW][NT][4];
   zero_acc(acc);
   float alpha = epilogue_alpha<A4>(p, pro.ia, pro.ib);

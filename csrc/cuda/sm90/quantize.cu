@@ -172,8 +172,7 @@ ffi::Error launch_quantize_as(cudaStream_t stream, const QuantizeParams& p) {
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, cap)));
   QuantizeParams q = p;
   q.os_table = kOneG && p.blocks > static_cast<int64_t>(blocks) * kThreads;
-  quantize_kernel<T, L, kOneG><<<blocks, kThreads, 0, stream>>>(q);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_dependent(quantize_kernel<T, L, kOneG>, dim3(blocks), dim3(kThreads), 0, stream, q);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxfp4 quantize launch: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

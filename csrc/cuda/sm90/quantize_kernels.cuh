@@ -125,6 +125,11 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
   using Blk = typename BlockOf<T>::type;
   const uint32_t nthreads = gridDim.x * blockDim.x;
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
+  // Programmatic dependent launch (device.cuh): the GEMM that usually follows
+  // may be scheduled now and prefetch its weights while this kernel runs; this
+  // kernel reads nothing before the kernel it follows has completed.
+  allow_dependent_launch();
+  grid_dependency_wait();
 
   // gs = 1/g and the 1/gs of block_output_scale, per batch entry (computed
   // once per entry a thread meets). One g for everything is requested before
