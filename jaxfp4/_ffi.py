@@ -67,7 +67,10 @@ def backend_info() -> dict[str, Any]:
     Keys: `extension` (loaded or the import error), `cuda_build` (CUDA kernels
     compiled in), `targets` (platform -> FFI targets), `lowered` ("op[platform]"
     -> path chosen at the last lowering: an FFI target, "reference" or an XLA
-    path), `kernels_run` (op -> native kernel that op last ran), `devices`.
+    path), `kernels_run` (op -> native kernel that op last ran), `devices`,
+    `pdl` (the CUDA GEMM and quantize kernels are launched as programmatic
+    dependents: they may start while the kernel before them finishes; the
+    environment variable JAXFP4_PDL=0, set before the first launch, turns it off).
     """
     return {
         "extension": "loaded" if _ext is not None else f"missing ({_IMPORT_ERROR})",
@@ -76,5 +79,6 @@ def backend_info() -> dict[str, Any]:
         "lowered": dict(_LOWERED),
         "kernels_run": dict(_ext.kernels_run()) if _ext is not None else {},
         "devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
+        "pdl": bool(_ext is not None and _ext.built_with_cuda() and _ext.pdl_enabled()),
         **_versions(),
     }

@@ -7,6 +7,7 @@
 #ifndef JAXFP4_WITH_CUDA
 #define JAXFP4_WITH_CUDA 1
 #endif
+#include "device.cuh"
 #include "jaxfp4/registry.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -34,5 +35,7 @@ std::vector<FfiTarget> cuda_targets() {
       {"jaxfp4_bench_stream_read", reinterpret_cast<void*>(&JaxFp4BenchStreamReadCuda)},
   };
 }
+
+bool cuda_pdl_enabled() { return pdl_enabled(); }
 
 }  // namespace jaxfp4

@@ -53,6 +53,13 @@ NB_MODULE(_jaxfp4, m) {
     return false;
 #endif
   });
+  m.def("pdl_enabled", [] {
+#if defined(JAXFP4_WITH_CUDA)
+    return jaxfp4::cuda_pdl_enabled();
+#else
+    return false;
+#endif
+  }, "Whether CUDA kernels are launched as programmatic dependents (JAXFP4_PDL=0: not).");
   m.def("kernels_run", [] {
     nb::dict d;
     for (int i = 0; i < jaxfp4::kNumOps; ++i) {

@@ -15,6 +15,9 @@ struct FfiTarget {
 std::vector<FfiTarget> cpu_targets();   // csrc/cpu/*.cc
 #if defined(JAXFP4_WITH_CUDA)
 std::vector<FfiTarget> cuda_targets();  // csrc/cuda/ffi_cuda.cu
+// Whether the CUDA kernels are launched as programmatic dependents
+// (csrc/cuda/device.cuh; JAXFP4_PDL=0 turns it off, read at the first use).
+bool cuda_pdl_enabled();                // csrc/cuda/ffi_cuda.cu
 #endif
 
 // Which kernel an op last ran, for jaxfp4.backend_info(). `op` is one of
