@@ -22,7 +22,7 @@ import pytest
 import jaxfp4
 from jaxfp4 import format as fmt
 from jaxfp4 import packing
-from jaxfp4.primitives.gemm import quantize_a_fits
+from jaxfp4.primitives.gemm import A4_AS_A16_MIN_M, quantize_a_fits
 
 import oracle
 from data import random_matrix
@@ -357,7 +357,33 @@ def test_matmul_api(rng, prepared):
         av = values_f64(np.asarray(aq.data), np.asarray(aq.scales).view(np.uint8), "8x4")
         ref, absref = oracle.gemm_f64(av, wv, np.asarray(aq.global_scale) * g)
         assert_close(out, ref, absref, k)
+        # Prepared weights from 9 rows: a decoded once and the W4A16 kernel (A4_AS_A16_MIN_M).
+        kernel = "sm90_gemm_small_m_w4a16" if prepared and m >= A4_AS_A16_MIN_M else "sm90_gemm_small_m_w4a4"
+        assert jaxfp4.backend_info()["kernels_run"]["gemm"].startswith(kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(9, 1000, 272), (16, 200, 4096), (17, 37, 48), (24, 4096, 272),
+                                   (32, 1000, 4096)])
+def test_w4a4_as_w4a16_matches_the_w4a4_kernel(rng, m, n, k):
+    """W4A4 from A4_AS_A16_MIN_M rows with prepared weights: the activations decoded
+    to bf16 once and the W4A16 kernel, bit for bit the W4A4 kernel's result (the same
+    exact products, summed in the same order, scaled by the same float32 g_a * g_b)."""
+    a_layout = ("8x4", "128x4", "linear")[m % 3]
+    ad, as_, ag = random_nvfp4(rng, (), m, k, a_layout, g_exp=(-3, 0))
+    bd, bs, bg = random_nvfp4(rng, (), n, k, "128x4", g_exp=(-12, -9))
+    aq = jaxfp4.NVFP4Tensor(_dev(ad), _dev(as_.view(F8)), _dev(ag), a_layout)
+    wq = jaxfp4.prepare_weights(jaxfp4.NVFP4Tensor(_dev(bd), _dev(bs.view(F8)), _dev(bg), "128x4"))
+    for out_dtype in (jnp.bfloat16, jnp.float32):
+        got = np.asarray(jax.jit(jaxfp4.matmul, static_argnames="out_dtype")(aq, wq, out_dtype=out_dtype))
+        assert jaxfp4.backend_info()["kernels_run"]["gemm"].startswith("sm90_gemm_small_m_w4a16")
+        want = ffi_w4a4(ad, as_, ag, bd, bs, bg, n, a_layout=a_layout, layout="128x4", packed=True,
+                        out_dtype=np.dtype(out_dtype))
         assert jaxfp4.backend_info()["kernels_run"]["gemm"].startswith("sm90_gemm_small_m_w4a4")
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    ref, absref = oracle.gemm_f64(values_f64(ad, as_, a_layout), values_f64(bd, bs, "128x4"),
+                                  np.float32(ag) * np.float32(bg))
+    assert_close(got, ref, absref, k)
 
 
 @pytest.mark.gpu

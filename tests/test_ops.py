@@ -194,3 +194,42 @@ def test_with_sf_layout_is_exact(rng):
         np.testing.assert_array_equal(np.asarray(jaxfp4.dequantize(u)), np.asarray(jaxfp4.dequantize(t)))
         direct = jaxfp4.quantize(x, sf_layout=layout)
         np.testing.assert_array_equal(_u8(u.scales), _u8(direct.scales))
+
+
+@pytest.mark.parametrize("m", [9, 17, 32])
+@pytest.mark.parametrize("a_layout", ["8x4", "128x4", "linear"])
+def test_w4a4_as_w4a16_is_the_w4a4_product(rng, m, a_layout):
+    """The GPU's W4A4 route for 9..32 rows with prepared weights (gemm._a4_as_a16:
+    a decoded to bf16 once, then W4A16 with g_a * g_b), run here through the CPU
+    handlers: the same values as the W4A4 GEMM, bit for bit."""
+    from jaxfp4.primitives import gemm
+
+    n, k = 37, 272
+    aq = jaxfp4.quantize(jnp.asarray(random_matrix(rng, (m, k))), sf_layout=a_layout)
+    wq = jaxfp4.prepare_weights(jaxfp4.quantize(jnp.asarray(random_matrix(rng, (n, k)))))
+    params = dict(b_sf_layout=wq.sf_layout, b_packing=wq.packing, b_shape=(n, k), out_dtype=jnp.float32)
+    g_a, g_b = aq.global_scale.reshape(1), wq.global_scale.reshape(1)
+    (got,) = gemm._a4_as_a16(aq.data[None], aq.scales[None], g_a, wq.data[None], wq.scales[None], g_b,
+                             mode="w4a4", a_sf_layout=a_layout, **params)
+    want = jaxfp4.matmul(aq, wq, out_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want))
+
+
+def test_w4a4_as_w4a16_routing():
+    """Which W4A4 GEMMs the CUDA lowering runs as decode + W4A16 (static shapes only)."""
+    from jax.core import ShapedArray
+    from jaxfp4.primitives import gemm
+
+    def avals(m, lead=1):
+        u8, f8, f32 = np.uint8, ml_dtypes.float8_e4m3fn, np.float32
+        return (ShapedArray((lead, m, 64), u8), ShapedArray((lead, 128, 8), f8), ShapedArray((lead,), f32),
+                ShapedArray((2, 512), u8), ShapedArray((2, 64), f8), ShapedArray((1,), f32))
+
+    params = dict(mode="w4a4", a_sf_layout="8x4", b_sf_layout="128x4", b_packing="sm90", b_shape=(32, 128),
+                  out_dtype=jnp.bfloat16)
+    assert gemm._choose("cuda", avals(gemm.A4_AS_A16_MIN_M - 1), params) is None
+    for m in (gemm.A4_AS_A16_MIN_M, gemm.SMALL_M_MAX):
+        assert gemm._choose("cuda", avals(m), params)[1] is gemm._a4_as_a16
+    assert gemm._choose("cuda", avals(16, lead=3), params) is None  # one g_a per batch entry: the W4A4 kernel
+    assert gemm._choose("cuda", avals(16), {**params, "b_packing": None}) is None  # checkpoint order
+    assert gemm._choose("cpu", avals(16), params)[1] is gemm._unpack_then_gemm  # the CPU handler's W4A4

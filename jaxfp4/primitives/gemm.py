@@ -14,7 +14,12 @@ beyond that, until a large-M kernel lands, XLA's bf16/f16 GEMM on exactly
 dequantized operands (exact products, float32 accumulation: the same function).
 w4a4_quantize_a runs as one kernel that quantizes a itself where `quantize_a_fits`
 (bf16 a, sm90-packed weights, M <= 8, a's rows in QA_MAX_BYTES of shared
-memory), else as the quantize kernel then the w4a4 GEMM.
+memory), else as the quantize kernel then the w4a4 GEMM. W4A4 with sm90-packed
+weights, one global scale per operand and A4_AS_A16_MIN_M..SMALL_M_MAX rows runs
+as a decoded once, exactly, to bf16 (e2m1 x SF, no global scale) and the W4A16
+kernel with g_a * g_b as the weights' global scale: the same products and
+float32 sums as the W4A4 kernel's, which decodes every activation code again
+for every weight tile it multiplies.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ PACKING_IDS = {None: 0, "sm90": packing.PACKING_SM90}
 # plus 16 bytes each, in at most this much shared memory.
 QA_MAX_BYTES = 80 * 1024
 QA_MAX_M = 8
+# From this many rows (the kernels' two-token-tile instantiations) the W4A16
+# kernel on a decoded once beats the W4A4 kernel by more than the decode's
+# extra XLA kernel costs (benchmarks/kernel/NOTES.md, session 12).
+A4_AS_A16_MIN_M = 9
 _N_A = {"w4a4": 3, "w4a16": 1, "w4a4_quantize_a": 2}  # operands of the activation group
 
 
@@ -110,6 +119,22 @@ def _xla_dequant_dot(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, 
     return ((g[..., None, None] * acc).astype(out_dtype),)
 
 
+def _a4_as_a16(a_data, a_scales, a_g, b_data, b_scales, b_g, *, a_sf_layout, **params):
+    """W4A4 as the W4A16 kernel on a's exact values: e2m1 x SF is exact in bf16
+    (at most 6 significant bits, 2^-10 .. 2688), and g_a * g_b is the float32
+    product the W4A4 kernel and the reference scale by."""
+    a = reference.dequantize_unscaled(a_data, a_scales, a_sf_layout).astype(jnp.bfloat16)
+    g = a_g.astype(jnp.float32) * b_g.astype(jnp.float32)
+    return gemm_p.bind(a, b_data, b_scales, g, **{**params, "mode": "w4a16", "a_sf_layout": None})
+
+
+def _a4_as_a16_applies(avals_in, params) -> bool:
+    m = avals_in[0].shape[-2]
+    a_g, b_g = avals_in[2], avals_in[-1]
+    return (params["mode"] == "w4a4" and params["b_packing"] == "sm90" and A4_AS_A16_MIN_M <= m <= SMALL_M_MAX
+            and a_g.size == 1 and b_g.size == 1)
+
+
 def _unpack_then_gemm(*args, **params):
     """Pre-packed weights on a platform whose handler takes plain ones."""
     n_a = _N_A[params["mode"]]
@@ -131,6 +156,8 @@ def _choose(platform, avals_in, params):
         return "reference (float32 activations)", _reference
     if m > SMALL_M_MAX:
         return "xla_dequant_dot (M > %d)" % SMALL_M_MAX, _xla_dequant_dot
+    if _a4_as_a16_applies(avals_in, params):
+        return "a decoded + w4a16 (W4A4, M >= %d)" % A4_AS_A16_MIN_M, _a4_as_a16
     return None
 
 
