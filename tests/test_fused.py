@@ -159,6 +159,36 @@ def test_fused_fits_rule():
     assert not fused_fits(3, 14336, "none", bf, bf, bf, True, "sm90", quantize_a=True)  # 3 do not
 
 
+@pytest.mark.parametrize("m,prologue", [(9, "rms_norm"), (16, "none"), (32, "swiglu")])
+def test_w4a4_residual_at_decoded_rows(rng, m, prologue):
+    """W4A4 + residual for 9..32 rows on the GPU (fused_gemm._quantized_then_fused:
+    quantize, decode, the W4A16 op storing the residual), run here through the CPU
+    handlers: the same bits as the separate ops; and the CUDA lowering's choice."""
+    from jax.core import ShapedArray
+    from jaxfp4.primitives import fused_gemm
+
+    n, k = 37, 272
+    k_in = 2 * k if prologue == "swiglu" else k
+    a = jnp.asarray(_act(rng, (m, k_in)))
+    norm_w = jnp.asarray(1 + 0.1 * rng.standard_normal(k), jnp.bfloat16) if prologue == "rms_norm" \
+        else jnp.zeros((0,), jnp.bfloat16)
+    w = _weights(rng, n, k)
+    r = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    g_a = jnp.float32(0.05)
+    params = dict(prologue=prologue, eps=1e-5, quantize_a=True, a_sf_layout="8x4", b_sf_layout=w.sf_layout,
+                  b_packing=w.packing, b_shape=(n, k), out_dtype=jnp.bfloat16)
+    args = (a, norm_w, g_a, w.data, w.scales, w.global_scale, r)
+    (got,) = fused_gemm._quantized_then_fused(*args, **params)
+    (want,) = fused_gemm._compose(*args, **params)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+    avals = [ShapedArray(x.shape, x.dtype) for x in args]
+    assert fused_gemm._choose("cuda", avals, params)[1] is fused_gemm._quantized_then_fused
+    small = [ShapedArray((8, k_in), a.dtype), *avals[1:6], ShapedArray((8, n), r.dtype)]
+    choice = fused_gemm._choose("cuda", small, params)  # 8 rows: the in-kernel quantization where they fit
+    assert choice is None or choice[1] is not fused_gemm._quantized_then_fused
+    assert fused_gemm._choose("cpu", avals, params)[1] is fused_gemm._compose
+
+
 # ---- batching -------------------------------------------------------------------------------
 
 def test_vmap_folds_rows_and_maps_weights(rng):

@@ -263,3 +263,19 @@ def test_matmul_api_w4a4(rng):
     assert jaxfp4.backend_info()["kernels_run"]["gemm"] == "sm90_gemm_small_m_w4a4_n8_packed_quantize_a_swiglu"
     want = np.asarray(add_residual(jaxfp4.matmul(jaxfp4.SwiGLU()(x), w, input_scale=0.01), r), np.float32)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=0.02 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [9, 16, 17, 32])
+def test_w4a4_residual_decoded_rows(rng, m):
+    """W4A4 + residual for 9..32 rows: quantize, decode, and the W4A16 kernel storing
+    the residual (fused_gemm._quantized_then_fused), bit for bit the separate ops."""
+    n, k = 1000, 4096
+    w = jaxfp4.prepare_weights(jaxfp4.quantize(jnp.asarray(random_matrix(rng, (n, k), spread=2))))
+    x = jnp.asarray(random_matrix(rng, (m, k), spread=2), jnp.bfloat16)
+    r = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    norm = jaxfp4.RMSNorm(jnp.asarray(1 + 0.1 * rng.standard_normal(k), jnp.bfloat16), 1e-5)
+    got = jax.jit(lambda x, r: jaxfp4.matmul(x, w, input_scale=0.01, prologue=norm, residual=r))(x, r)
+    assert jaxfp4.backend_info()["kernels_run"]["gemm"].startswith("sm90_gemm_small_m_w4a16_bf16_n")
+    want = add_residual(jax.jit(lambda x: jaxfp4.matmul(norm(x), w, input_scale=0.01))(x), r)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
