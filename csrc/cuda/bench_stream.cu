@@ -2,7 +2,10 @@
 // that only streams a byte buffer (the weight bytes) through the SMs, with
 // 16-byte loads, a persistent grid sized to the multiprocessors and several
 // loads in flight per thread. Target `jaxfp4_bench_stream_read`:
-//   x U8 [any shape] -> out F32 [1] (or any shape with >= 1 element).
+//   x U8 [any shape] -> out F32 [R] (R >= 1; any shape with R elements).
+// The kernel runs R times back to back, launch i writing out[i]: with R > 1
+// one custom call is a chain of launches, which shows whether launches inside
+// one call overlap (programmatic dependent launch) where separate calls do not.
 // The loads are volatile asm (the compiler may not drop or merge them) and
 // their XOR is reduced per block; block 0 writes out[0] from its own sum, so
 // the result never depends on what the output held before (no atomics, no
@@ -93,9 +96,12 @@ ffi::Error BenchStreamReadImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Resul
   const int64_t cap = static_cast<int64_t>(sm_count()) * kBlocksPerSm;
   int64_t blocks = (n16 + kThreads - 1) / kThreads;
   blocks = blocks < 1 ? 1 : (blocks > cap ? cap : blocks);
-  const cudaError_t err =
-      launch_dependent(stream_read_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
-                       static_cast<const uint8_t*>(x.untyped_data()), n, static_cast<float*>(out->untyped_data()));
+  cudaError_t err = cudaSuccess;
+  for (int64_t i = 0; i < static_cast<int64_t>(out->element_count()) && err == cudaSuccess; ++i) {
+    err = launch_dependent(stream_read_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                           static_cast<const uint8_t*>(x.untyped_data()), n,
+                           static_cast<float*>(out->untyped_data()) + i);
+  }
   if (err != cudaSuccess) {
     return ffi::Error::Internal(std::string("jaxfp4_bench_stream_read launch: ") + cudaGetErrorString(err));
   }
@@ -109,5 +115,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4BenchStreamReadCuda, jaxfp4::BenchStreamRead
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()   // x U8 (the weight bytes)
-                                  .Ret<ffi::AnyBuffer>(),  // out F32 [1]
+                                  .Ret<ffi::AnyBuffer>(),  // out F32 [R]: R launches
                               {ffi::Traits::kCmdBufferCompatible});
