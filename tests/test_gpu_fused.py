@@ -274,8 +274,14 @@ def test_w4a4_residual_decoded_rows(rng, m):
     w = jaxfp4.prepare_weights(jaxfp4.quantize(jnp.asarray(random_matrix(rng, (n, k), spread=2))))
     x = jnp.asarray(random_matrix(rng, (m, k), spread=2), jnp.bfloat16)
     r = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    got = jax.jit(lambda x, r: jaxfp4.matmul(x, w, input_scale=0.01, residual=r))(x, r)
+    assert jaxfp4.backend_info()["kernels_run"]["gemm"].startswith("sm90_gemm_small_m_w4a16_bf16_n")
+    want = add_residual(jax.jit(lambda x: jaxfp4.matmul(x, w, input_scale=0.01))(x), r)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+    # With the norm (in XLA, each jit its own reduction order: a normed value may round
+    # the other way and quantize to the next code, so close rather than equal).
     norm = jaxfp4.RMSNorm(jnp.asarray(1 + 0.1 * rng.standard_normal(k), jnp.bfloat16), 1e-5)
     got = jax.jit(lambda x, r: jaxfp4.matmul(x, w, input_scale=0.01, prologue=norm, residual=r))(x, r)
-    assert jaxfp4.backend_info()["kernels_run"]["gemm"].startswith("sm90_gemm_small_m_w4a16_bf16_n")
     want = add_residual(jax.jit(lambda x: jaxfp4.matmul(norm(x), w, input_scale=0.01))(x), r)
-    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=2.0 ** -7, atol=0.02 * np.abs(want).max())
