@@ -187,3 +187,16 @@ def test_decode_profile_gemm_roles():
     roles = dict(prof.gemm_roles(sorted(events), tokens, layers))
     assert roles == {"qkv_proj": 1.0, "o_proj": 2.0, "gate_up_proj": 3.0, "down_proj": 4.0, "lm_head": 9.0}
     assert prof.gemm_roles(events[:-1], tokens, layers) == []  # a launch missing: no attribution
+
+
+def test_pdl_capture_says_what_it_needs():
+    """benchmarks/pdl_capture.py needs a CUDA GPU: without one it exits with that
+    sentence (with one it is run by hand; NOTES session 12 has a run)."""
+    import os
+    import subprocess
+
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("a GPU is here: the script would time, not refuse")
+    proc = subprocess.run([sys.executable, str(BENCH / "pdl_capture.py")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr + proc.stdout
