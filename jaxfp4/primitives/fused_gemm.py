@@ -16,7 +16,7 @@ and prologues need sm90-packed weights and rows staged in shared memory, as
 the in-kernel quantization's, W4A4 M <= 8; a prologue only for M <=
 PROLOGUE_MAX_M); a prologue it cannot take runs in jnp before the fused op
 with the residual alone (`_prologue_then_fused`); W4A4 with a residual and
-the rows gemm runs as decoded activations + W4A16 (A4_AS_A16_MIN_M..SMALL_M_MAX)
+the rows gemm runs as decoded activations + W4A16 (gemm.a4_as_a16_fits)
 quantizes, decodes, and stores the residual in the W4A16 kernel
 (`_quantized_then_fused`); everywhere else the
 composition `_compose`: the prologue in jnp, gemm_p (whatever kernel it
@@ -34,10 +34,10 @@ import numpy as np
 from jax.core import ShapedArray
 
 from jaxfp4 import format as fmt
-from jaxfp4 import reference
 from jaxfp4.fused import RMSNorm, SwiGLU, add_residual
 from jaxfp4.primitives import _common
-from jaxfp4.primitives.gemm import A4_AS_A16_MIN_M, PACKING_IDS, SMALL_M_MAX, gemm_p, quantize_a_fits
+from jaxfp4.primitives.gemm import (PACKING_IDS, SMALL_M_MAX, a4_as_a16_fits, decoded_for_a16, gemm_p,
+                                    quantize_a_fits)
 from jaxfp4.primitives.quantize import quantize_p
 
 fused_gemm_p = _common.define("jaxfp4_fused_gemm")
@@ -103,12 +103,11 @@ def _prologue_then_fused(a, norm_weight, *rest, prologue, eps, **params):
 def _quantized_then_fused(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, quantize_a,
                           a_sf_layout, **params):
     """W4A4 at the rows gemm_p runs on decoded activations: the prologue in jnp,
-    the quantize kernel, the exact decode to bf16 (gemm._a4_as_a16's), then the
+    the quantize kernel, the exact decode to bf16 (gemm.decoded_for_a16), then the
     fused W4A16 op with g_a * g_b, whose store adds the residual."""
     x = _apply_prologue(a, norm_weight, prologue, eps)
     data, scales = quantize_p.bind(x, a_g, sf_layout=a_sf_layout, dynamic=False)
-    xq = reference.dequantize_unscaled(data, scales, a_sf_layout).astype(jnp.bfloat16)
-    g = a_g.astype(jnp.float32) * b_g.astype(jnp.float32)
+    xq, g = decoded_for_a16(data, scales, a_sf_layout, a_g, b_g)
     return fused_gemm_p.bind(xq, jnp.zeros((0,), jnp.bfloat16), jnp.zeros((0,), jnp.float32), b_data, b_scales, g,
                              residual, prologue="none", eps=0.0, quantize_a=False, a_sf_layout=None, **params)
 
@@ -123,8 +122,8 @@ def _choose(platform, avals_in, params):
     if (platform == "cuda" and params["prologue"] != "none" and (residual.size > 0 or params["quantize_a"])
             and fits("none")):
         return "prologue, then gemm + residual (fused)", _prologue_then_fused
-    if (platform == "cuda" and params["quantize_a"] and residual.size > 0 and A4_AS_A16_MIN_M <= m <= SMALL_M_MAX
-            and params["b_packing"] == "sm90" and np.dtype(params["out_dtype"]) == np.dtype(jnp.bfloat16)):
+    if (platform == "cuda" and params["quantize_a"] and residual.size > 0 and a4_as_a16_fits(m, params["b_packing"])
+            and np.dtype(params["out_dtype"]) == np.dtype(jnp.bfloat16)):
         return "prologue, quantize, decode, then w4a16 gemm + residual (fused)", _quantized_then_fused
     return "prologue + gemm + residual (unfused)", _compose
 

@@ -119,19 +119,28 @@ def _xla_dequant_dot(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, 
     return ((g[..., None, None] * acc).astype(out_dtype),)
 
 
-def _a4_as_a16(a_data, a_scales, a_g, b_data, b_scales, b_g, *, a_sf_layout, **params):
-    """W4A4 as the W4A16 kernel on a's exact values: e2m1 x SF is exact in bf16
-    (at most 6 significant bits, 2^-10 .. 2688), and g_a * g_b is the float32
-    product the W4A4 kernel and the reference scale by."""
+def a4_as_a16_fits(m: int, b_packing) -> bool:
+    """Whether CUDA runs a W4A4 product of m rows as decoded activations + the W4A16 kernel."""
+    return b_packing == "sm90" and A4_AS_A16_MIN_M <= m <= SMALL_M_MAX
+
+
+def decoded_for_a16(a_data, a_scales, a_sf_layout, a_g, b_g):
+    """The W4A16 operands of a W4A4 product: a's exact values in bf16 (e2m1 x SF has
+    at most 6 significant bits, 2^-10 .. 2688) and g_a * g_b, the float32 product
+    the W4A4 kernel and the reference scale by."""
     a = reference.dequantize_unscaled(a_data, a_scales, a_sf_layout).astype(jnp.bfloat16)
-    g = a_g.astype(jnp.float32) * b_g.astype(jnp.float32)
+    return a, a_g.astype(jnp.float32) * b_g.astype(jnp.float32)
+
+
+def _a4_as_a16(a_data, a_scales, a_g, b_data, b_scales, b_g, *, a_sf_layout, **params):
+    """W4A4 as the W4A16 kernel on a's exact values."""
+    a, g = decoded_for_a16(a_data, a_scales, a_sf_layout, a_g, b_g)
     return gemm_p.bind(a, b_data, b_scales, g, **{**params, "mode": "w4a16", "a_sf_layout": None})
 
 
 def _a4_as_a16_applies(avals_in, params) -> bool:
-    m = avals_in[0].shape[-2]
     a_g, b_g = avals_in[2], avals_in[-1]
-    return (params["mode"] == "w4a4" and params["b_packing"] == "sm90" and A4_AS_A16_MIN_M <= m <= SMALL_M_MAX
+    return (params["mode"] == "w4a4" and a4_as_a16_fits(avals_in[0].shape[-2], params["b_packing"])
             and a_g.size == 1 and b_g.size == 1)
 
 
