@@ -792,6 +792,96 @@ static void prefetch_exp() {
   }
 }
 
+#ifdef JAXFP4_TRACE
+// Timelines of isolated launches (built with -DJAXFP4_TRACE): per shape and M,
+// the packed W4A16 kernel's per-CTA stamps (gemm_small_m_packed.cuh), in us from
+// the first CTA's start, as min / median / max over the CTAs (medians over runs),
+// beside the events' time of the launch and of the floor kernel alone.
+static void trace_exp() {
+  const std::vector<int> sv = env_ints("DRV_SHAPES", {4096, 4096, 6144, 4096, 28672, 4096, 4096, 14336});
+  const std::vector<int> Ms = env_ints("DRV_MS", {1, 16});
+  const int runs = 15;
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  float* dsum;
+  CK(cudaMalloc(&dsum, 4));
+  const char* names[kTraceSlots] = {"start", "setup", "1st item", "last item", "w0 done", "end", "last copy",
+                                    "wN done"};
+  for (size_t si = 0; si + 1 < sv.size(); si += 2) {
+    const int N = sv[si], K = sv[si + 1];
+    const int T = (N + 15) / 16, Kp = (K + 63) / 64 * 64;
+    const WeightCopies wc(T, Kp, 160ull << 20);
+    const int copies = wc.count();
+    const BenchIo io(32, K, N);
+    auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    // the floor alone: one stream over data + scales of a copy
+    std::vector<double> fl;
+    for (int r = 0; r < runs; ++r) {
+      const int c = r % copies;
+      const int64_t n16 = static_cast<int64_t>(wc.wbytes + wc.sbytes) / 16;
+      CK(cudaEventRecord(e0));
+      stream_read_kernel<<<static_cast<unsigned>(std::min<int64_t>((n16 + 511) / 512, jaxfp4::sm_count() * 2)),
+                           512>>>(wc.W[c], static_cast<int64_t>(wc.wbytes), dsum);
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      fl.push_back(ms * 1000);
+    }
+    for (int M : Ms) {
+      Launch L = w4a16_launch(io.A, io.g, io.out, true);
+      std::vector<double> ev;
+      std::vector<std::vector<double>> lo(kTraceSlots), md(kTraceSlots), hi(kTraceSlots);
+      int ctas = 0;
+      for (int r = 0; r < runs + 2; ++r) {
+        const int c = r % copies;
+        L.p.b = wc.W[c];
+        L.p.b_sf = wc.S[c];
+        std::vector<unsigned long long> z(1024 * kTraceSlots, 0);
+        CK(cudaMemcpyToSymbol(jaxfp4_trace, z.data(), z.size() * 8));
+        CK(cudaDeviceSynchronize());
+        CK(cudaEventRecord(e0));
+        if (finish(L, M, N, K, 0).failure()) exit(1);
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        CK(cudaMemcpyFromSymbol(z.data(), jaxfp4_trace, z.size() * 8));
+        if (r < 2) continue;  // warm-up
+        ev.push_back(ms * 1000);
+        unsigned long long t0 = ~0ull;
+        ctas = 0;
+        for (int b = 0; b < 1024; ++b)
+          if (z[b * kTraceSlots] != 0) {
+            t0 = std::min(t0, z[b * kTraceSlots]);
+            ctas = b + 1;
+          }
+        for (int s = 0; s < kTraceSlots; ++s) {
+          std::vector<double> v;
+          for (int b = 0; b < ctas; ++b)
+            if (z[b * kTraceSlots + s] != 0) v.push_back((z[b * kTraceSlots + s] - t0) / 1000.0);
+          if (v.empty()) continue;
+          std::sort(v.begin(), v.end());
+          lo[s].push_back(v.front());
+          md[s].push_back(v[v.size() / 2]);
+          hi[s].push_back(v.back());
+        }
+      }
+      printf("\ntrace %dx%d M=%d: %d CTAs, launch (events) %.2f us, floor alone %.2f us\n", N, K, M, ctas,
+             median(ev), median(fl));
+      const int order[kTraceSlots] = {0, 1, 2, 6, 3, 4, 7, 5};
+      for (int s : order)
+        if (!md[s].empty())
+          printf("  %-10s min %7.2f  med %7.2f  max %7.2f\n", names[s], median(lo[s]), median(md[s]), median(hi[s]));
+    }
+  }
+}
+#endif
+
 // One configuration, a few launches (for ncu): one N K M kind(0 packed, 1 plain)
 static void one(int N, int K, int M, int kind) {
   const int C = K / 16, T = (N + 15) / 16, Kp = (K + 63) / 64 * 64;
@@ -826,5 +916,8 @@ int main(int argc, char** argv) {
   if (mode == "check" || mode == "all") rc |= check_all(quick);
   if (mode == "bench" || mode == "all") bench(quick);
   if (mode == "prefetch") prefetch_exp();
+#ifdef JAXFP4_TRACE
+  if (mode == "trace") trace_exp();
+#endif
   return rc;
 }

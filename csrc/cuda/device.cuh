@@ -67,8 +67,7 @@ inline int resident_ctas(const void* kernel, int threads, size_t smem, std::atom
 // `griddepcontrol.launch_dependents`. It must execute `griddepcontrol.wait`
 // (grid_dependency_wait in ptx.cuh) before it reads anything an earlier kernel
 // may write or writes anything an earlier kernel may read; what it does before
-// (setup, L2 prefetches of its weights) overlaps the previous kernel's tail and
-// this launch's own latency. JAXFP4_PDL=0 in the environment turns it off (an
+// (setup) overlaps the previous kernel's tail and this launch's own latency. JAXFP4_PDL=0 in the environment turns it off (an
 // ordinary launch), for A/B timing.
 inline bool pdl_enabled() {
   static const bool on = [] {

@@ -53,11 +53,4 @@ __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepco
 // still waits for this grid's completion before using its results).
 __device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
-// Starts loading `bytes` (a multiple of 16, 16-byte aligned) at `src` into L2.
-// A hint with no effect on what any load returns, so it may run before
-// grid_dependency_wait.
-__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
-}
-
 }  // namespace jaxfp4

@@ -371,8 +371,8 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   // CTAs share out single tiles (the kernel walks its share in groups).
   const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(p.tiles, slots / (mtiles * L.batch)));
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
-  // Programmatic dependent launch: the kernel prefetches its first weights into
-  // L2 while the previous kernel finishes (gemm_small_m_packed.cuh).
+  // Programmatic dependent launch: the kernel's launch and set-up overlap the
+  // previous kernel's tail (gemm_small_m_packed.cuh).
   if (cudaError_t e = launch_dependent(kernel, grid, dim3(threads), smem, stream, p); e != cudaSuccess) return e;
   if constexpr (ACT == kActQuantize) {
     *name = "sm90_gemm_small_m_w4a4_n8_packed_quantize_a";

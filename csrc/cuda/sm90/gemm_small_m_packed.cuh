@@ -37,12 +37,36 @@
 #ifndef JAXFP4_PK_STAGES_N8
 #define JAXFP4_PK_STAGES_N8 3  // ring stages for M <= 8
 #endif
+#ifndef JAXFP4_PK_LATE_PRO
+#define JAXFP4_PK_LATE_PRO 0
+#endif
 #ifndef JAXFP4_PK_CPI_N8
 #define JAXFP4_PK_CPI_N8 2  // chunks per consumer warp and item for M <= 8
 #endif
 
 namespace jaxfp4 {
 namespace sm90_gemm {
+
+// Kernel-driver timelines (benchmarks/kernel/gemm_small_m_driver.cu `trace`):
+// built with -DJAXFP4_TRACE, one lane stamps %globaltimer at fixed points of
+// each CTA's life into jaxfp4_trace[blockIdx.x][slot]. Off in the extension.
+#ifdef JAXFP4_TRACE
+constexpr int kTraceSlots = 8;
+__device__ unsigned long long jaxfp4_trace[1024 * kTraceSlots];
+__device__ __forceinline__ void trace_stamp(int slot) {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  if (blockIdx.y == 0 && blockIdx.z == 0 && blockIdx.x < 1024) jaxfp4_trace[blockIdx.x * kTraceSlots + slot] = t;
+}
+#define JAXFP4_TRACE_AT(cond, slot) \
+  do {                              \
+    if (cond) trace_stamp(slot);    \
+  } while (0)
+#else
+#define JAXFP4_TRACE_AT(cond, slot) \
+  do {                              \
+  } while (0)
+#endif
 
 constexpr int kPkWarps = JAXFP4_PK_WARPS;
 // Ring geometry per token-tile count (H200 measurements, benchmarks/kernel/NOTES.md):
@@ -189,7 +213,10 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   const int warp = __shfl_sync(0xFFFFFFFFu, static_cast<int>(threadIdx.x >> 5), 0);
   const int g = lane >> 2, t = lane & 3;
   const int nc = (blockDim.x >> 5) - 1;  // consumer warps; warp nc is the producer
+  JAXFP4_TRACE_AT(threadIdx.x == 0, 0);
+#if !JAXFP4_PK_LATE_PRO
   const Prologue<NT, A4> pro(p, warp, g, t);  // (p.chunks_per_warp = kCpi: c0 = warp * kCpi)
+#endif
   // The CTA's weight tiles: a balanced contiguous share of single tiles, not of
   // groups, walked kTPW at a time (an odd share ends with a one-tile group).
   // With whole groups the slowest CTA can take a group more than the average:
@@ -220,6 +247,10 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     fence_mbar_init();  // initialised before the bulk copies and the other warps use them
   }
   __syncthreads();
+  JAXFP4_TRACE_AT(threadIdx.x == 0, 1);
+#if JAXFP4_PK_LATE_PRO
+  const Prologue<NT, A4> pro(p, warp, g, t);  // (p.chunks_per_warp = kCpi: c0 = warp * kCpi)
+#endif
 
   if (warp == nc) {
     // ---- producer: one lane walks (group, item) and copies each item into the
@@ -240,16 +271,12 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
                   (static_cast<int64_t>(t_begin) + grp * kTPW) * tile_chunks + c};
     };
     const int nitems = ngroups * items;
-    // Before the previous kernel has finished (programmatic dependent launch):
-    // the first ring-full of weights into L2 only, since the weights might be
-    // that kernel's output, and a prefetch, unlike a copy, cannot read them stale.
-    for (int n = 0; n < min(S, nitems); ++n) {
-      const Item w = item_at(n);
-      for (int tp = 0; tp < w.ntp; ++tp) {
-        prefetch_l2(b + (w.src + tp * tile_chunks) * kPackedChunkBytes, w.nck * kPackedChunkBytes);
-        prefetch_l2(b_sf + (w.src + tp * tile_chunks) * kPackedScaleBytes, w.nck * kPackedScaleBytes);
-      }
-    }
+    // No copy before the previous kernel has finished (programmatic dependent
+    // launch): the weights might be its output. Nor an L2 prefetch of the first
+    // ring-full here: it goes through the same copy engine, ahead of the copies,
+    // and where the launch does not overlap (always under XLA's command buffers)
+    // it delayed the first item by ~1 us and cost 0.5-2 us a GEMM
+    // (benchmarks/kernel/NOTES.md, session 13).
     grid_dependency_wait();
     int qi = 0;
     uint32_t ph = 1;  // parity to wait for on `empty`: a fresh barrier's previous phase counts as complete
@@ -269,6 +296,7 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
         ph ^= 1u;
       }
     }
+    JAXFP4_TRACE_AT(true, 6);  // the last copy issued
     return;
   }
 
@@ -349,6 +377,8 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
         if constexpr (A4) asq[nt] += item_asf;
       }
       mbar_wait(full + 8 * qc, phase);  // this item's bytes have landed
+      JAXFP4_TRACE_AT(threadIdx.x == 0 && grp == 0 && it == 0, 2);
+      JAXFP4_TRACE_AT(threadIdx.x == 0 && grp == ngroups - 1 && it == items - 1, 3);
       const uint32_t src = ring + qc * Cfg::kStageBytes;
       // Every chunk's shared-memory loads first, so their latencies overlap (a
       // chunk past the warp's share reads stale bytes that are never used).
@@ -373,6 +403,8 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
           if (ci < mine) mma_chunk<T, NT, true, A4, 1>(acc, st[ci], at[ci]);
       }
       mbar_arrive(empty + 8 * qc);  // this lane is done with the stage
+      JAXFP4_TRACE_AT(lane == 0 && (warp == 0 || warp == nc - 1) && grp == ngroups - 1 && it == items - 1,
+                      warp == 0 ? 4 : 7);
       if (++qc == S) {
         qc = 0;
         phase ^= 1u;  // the ring's next round
@@ -402,6 +434,7 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     }
     if constexpr (Cfg::kRedBufs == 1) consumers_sync(nc);  // the buffer is read before it is rewritten
   }
+  JAXFP4_TRACE_AT(threadIdx.x == 0, 5);
 }
 
 }  // namespace sm90_gemm

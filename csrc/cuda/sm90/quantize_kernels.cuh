@@ -126,8 +126,8 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
   const uint32_t nthreads = gridDim.x * blockDim.x;
   const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
   // Programmatic dependent launch (device.cuh): the GEMM that usually follows
-  // may be scheduled now and prefetch its weights while this kernel runs; this
-  // kernel reads nothing before the kernel it follows has completed.
+  // may be scheduled now and set up while this kernel runs; this kernel reads
+  // nothing before the kernel it follows has completed.
   allow_dependent_launch();
   grid_dependency_wait();
 
