@@ -37,9 +37,6 @@
 #ifndef JAXFP4_PK_STAGES_N8
 #define JAXFP4_PK_STAGES_N8 3  // ring stages for M <= 8
 #endif
-#ifndef JAXFP4_PK_LATE_PRO
-#define JAXFP4_PK_LATE_PRO 0
-#endif
 #ifndef JAXFP4_PK_CPI_N8
 #define JAXFP4_PK_CPI_N8 2  // chunks per consumer warp and item for M <= 8
 #endif
@@ -214,9 +211,7 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   const int g = lane >> 2, t = lane & 3;
   const int nc = (blockDim.x >> 5) - 1;  // consumer warps; warp nc is the producer
   JAXFP4_TRACE_AT(threadIdx.x == 0, 0);
-#if !JAXFP4_PK_LATE_PRO
   const Prologue<NT, A4> pro(p, warp, g, t);  // (p.chunks_per_warp = kCpi: c0 = warp * kCpi)
-#endif
   // The CTA's weight tiles: a balanced contiguous share of single tiles, not of
   // groups, walked kTPW at a time (an odd share ends with a one-tile group).
   // With whole groups the slowest CTA can take a group more than the average:
@@ -248,9 +243,6 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   }
   __syncthreads();
   JAXFP4_TRACE_AT(threadIdx.x == 0, 1);
-#if JAXFP4_PK_LATE_PRO
-  const Prologue<NT, A4> pro(p, warp, g, t);  // (p.chunks_per_warp = kCpi: c0 = warp * kCpi)
-#endif
 
   if (warp == nc) {
     // ---- producer: one lane walks (group, item) and copies each item into the
