@@ -215,6 +215,86 @@ def test_w4a4_as_w4a16_is_the_w4a4_product(rng, m, a_layout):
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want))
 
 
+def _decoded_reference(x, g):
+    """bf16(e2m1(q) * SF) of reference.quantize(x, g), op by op (not under jit: XLA
+    may rewrite 1/(1/g) inside one computation, which changes bits the spec fixes)."""
+    from jaxfp4 import reference
+
+    data, scales, _ = reference.quantize(x, g, sf_layout="linear")
+    return np.asarray(reference.dequantize_unscaled(data, scales, "linear").astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("shape,g_shape", [((1, 16), ()), ((9, 48), ()), ((33, 272), ()), ((2, 7, 272), (2,)),
+                                           ((3, 2, 5, 48), (1, 2))])
+def test_quantize_decoded(rng, dtype, shape, g_shape):
+    """quantize_decoded_p (gemm's decoded W4A4 route) through the CPU handler: the
+    values quantize(x, g) stands for without g, bf16 bit for bit, batch axes and a
+    broadcast g included."""
+    from jaxfp4.primitives.quantize import quantize_decoded_p
+
+    x = jnp.asarray(random_matrix(rng, shape)).astype(dtype)
+    g = jnp.asarray((10.0 ** rng.uniform(-3, 1, size=g_shape)).astype(np.float32))
+    got = jax.jit(lambda x, g: quantize_decoded_p.bind(x, g)[0])(x, g)
+    assert jaxfp4.backend_info()["lowered"]["quantize[cpu]"] == "jaxfp4_quantize_decoded"
+    assert got.dtype == jnp.bfloat16 and got.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), _decoded_reference(x, g).view(np.uint16))
+
+
+def test_quantize_decoded_edge_blocks():
+    """NaN, Inf, zero and subnormal-scale blocks decode as the reference's (NaN-aware)."""
+    from jaxfp4.primitives.quantize import quantize_decoded_p
+
+    x = jnp.asarray(edge_blocks())
+    g = jnp.float32(0.01)
+    got = np.asarray(jax.jit(lambda x: quantize_decoded_p.bind(x, g)[0])(x), np.float32)
+    np.testing.assert_array_equal(got, np.asarray(_decoded_reference(x, g), np.float32))
+
+
+@pytest.mark.parametrize("m", [9, 17, 32])
+def test_w4a4_quantize_decoded_route_is_the_w4a4_product(rng, m):
+    """The GPU's one-op W4A4 route for 9..32 rows with prepared weights
+    (gemm._quantize_decoded_then_gemm: a quantized and decoded in one kernel, then
+    W4A16 with g_a * g_b), run through the CPU handlers: quantize then the W4A4
+    GEMM, bit for bit."""
+    from jaxfp4.primitives import gemm
+
+    n, k = 37, 272
+    a = jnp.asarray(random_matrix(rng, (m, k))).astype(jnp.bfloat16)
+    g_a = jnp.float32(np.abs(np.asarray(a, np.float32)).max() / 2688)
+    wq = jaxfp4.prepare_weights(jaxfp4.quantize(jnp.asarray(random_matrix(rng, (n, k)))))
+    params = dict(b_sf_layout=wq.sf_layout, b_packing=wq.packing, b_shape=(n, k), out_dtype=jnp.float32)
+    (got,) = jax.jit(lambda a, g: gemm._quantize_decoded_then_gemm(
+        a[None], g.reshape(1), wq.data[None], wq.scales[None], wq.global_scale.reshape(1),
+        mode="w4a4_quantize_a", a_sf_layout="8x4", **params))(a, g_a)
+    want = jaxfp4.matmul(jaxfp4.quantize(a, g_a, sf_layout="8x4"), wq, out_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want))
+
+
+def test_w4a4_quantize_a_routing():
+    """Which one-op W4A4 GEMMs (input_scale) the CUDA lowering runs how: the kernel
+    quantizing a itself (M <= 8 rows that fit), quantize_decoded + W4A16 (9..32
+    rows, prepared weights), else the quantize kernel then the W4A4 GEMM."""
+    from jax.core import ShapedArray
+    from jaxfp4.primitives import gemm
+
+    def avals(m, k, lead=1):
+        f32 = np.float32
+        return (ShapedArray((lead, m, k), jnp.bfloat16), ShapedArray((lead,), f32),
+                ShapedArray((2, 8 * k), np.uint8), ShapedArray((2, k), ml_dtypes.float8_e4m3fn),
+                ShapedArray((1,), f32))
+
+    params = dict(mode="w4a4_quantize_a", a_sf_layout="8x4", b_sf_layout="128x4", b_packing="sm90",
+                  b_shape=(32, 4096), out_dtype=jnp.bfloat16)
+    assert gemm._choose("cuda", avals(8, 4096), params) is None  # in-kernel quantization
+    assert gemm._choose("cuda", avals(8, 8192), params)[1] is gemm._quantize_then_gemm  # rows too long for it
+    for m in (gemm.A4_AS_A16_MIN_M, 16, gemm.SMALL_M_MAX):
+        assert gemm._choose("cuda", avals(m, 4096), params)[1] is gemm._quantize_decoded_then_gemm
+    assert gemm._choose("cuda", avals(16, 4096, lead=3), params)[1] is gemm._quantize_then_gemm  # g_a per entry
+    assert gemm._choose("cuda", avals(16, 4096), {**params, "b_packing": None})[1] is gemm._quantize_then_gemm
+    assert gemm._choose("cpu", avals(16, 4096), params)[1] is gemm._quantize_then_gemm
+
+
 def test_w4a4_as_w4a16_routing():
     """Which W4A4 GEMMs the CUDA lowering runs as decode + W4A16 (static shapes only)."""
     from jax.core import ShapedArray

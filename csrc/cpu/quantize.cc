@@ -113,6 +113,35 @@ ffi::Error quantize_dynamic_impl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> d
   return ffi::Error::Success();
 }
 
+// The values quantize(x, g) stands for without g: bf16(e2m1(q) * SF), exact
+// (gemm's decoded W4A4 route; linear scales internally, the order is moot).
+ffi::Error quantize_decoded_impl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> out) {
+  record_kernel("quantize", "cpu");
+  if (auto e = check_rank(x, "x", 2); e.failure()) return e;
+  if (!is_float_dtype(x.element_type())) return ffi::Error::InvalidArgument("x must be float32, bfloat16 or float16");
+  const Dims d = x.dimensions();
+  const int nl = static_cast<int>(d.size()) - 2;
+  const int64_t M = d[nl], K = d[nl + 1];
+  if (K % kBlock != 0)
+    return ffi::Error::InvalidArgument("the last axis of x (K = " + std::to_string(K) + ") must be a multiple of 16");
+  if (auto e = check_buffer(*out, "out", ffi::DataType::BF16, d.begin(), nl, M, K); e.failure()) return e;
+  BatchMap gmap;
+  if (auto e = check_global_scale(g, "g", d.begin(), nl, &gmap); e.failure()) return e;
+  const int64_t L = prod(d.begin(), nl), C = K / kBlock;
+  const float* gp = static_cast<const float*>(g.untyped_data());
+  std::vector<uint8_t> q(static_cast<size_t>(M * (K / 2))), sf(static_cast<size_t>(M * C));
+  std::vector<float> row(static_cast<size_t>(K));
+  for (int64_t i = 0; i < L; ++i) {
+    quantize_entry(x.untyped_data(), x.element_type(), i * M * K, M, K, gp[gmap.a_index(i)], SfLayout::kLinear,
+                   q.data(), sf.data(), M * C, row.data());
+    for (int64_t m = 0; m < M; ++m) {
+      decode_row(q.data() + m * (K / 2), sf.data(), SfLayout::kLinear, m, C, row.data());  // e2m1 * SF, exact
+      store_floats(row.data(), 1.0f, K, out->untyped_data(), ffi::DataType::BF16, (i * M + m) * K);
+    }
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error dequantize_impl(ffi::AnyBuffer data, ffi::AnyBuffer scales, ffi::AnyBuffer g,
                            ffi::Result<ffi::AnyBuffer> out, int32_t sf_layout) {
   record_kernel("dequantize", "cpu");
@@ -168,6 +197,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4CpuQuantizeDynamic, jaxfp4::cpu::quantize_dy
                                   .Ret<ffi::AnyBuffer>()  // scales
                                   .Ret<ffi::AnyBuffer>()  // g
                                   .Attr<int32_t>("sf_layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4CpuQuantizeDecoded, jaxfp4::cpu::quantize_decoded_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // g
+                                  .Ret<ffi::AnyBuffer>());  // out BF16
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4CpuDequantize, jaxfp4::cpu::dequantize_impl,
                               ffi::Ffi::Bind()

@@ -14,6 +14,7 @@
 // Defined in csrc/cuda/sm90/quantize.cu.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4QuantizeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4QuantizeDynamicCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4QuantizeDecodedCuda);
 // Defined in csrc/cuda/sm90/gemm_small_m.cu.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A4Cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A16Cuda);
@@ -28,6 +29,7 @@ std::vector<FfiTarget> cuda_targets() {
   return {
       {"jaxfp4_quantize", reinterpret_cast<void*>(&JaxFp4QuantizeCuda)},
       {"jaxfp4_quantize_dynamic", reinterpret_cast<void*>(&JaxFp4QuantizeDynamicCuda)},
+      {"jaxfp4_quantize_decoded", reinterpret_cast<void*>(&JaxFp4QuantizeDecodedCuda)},
       {"jaxfp4_gemm_w4a4", reinterpret_cast<void*>(&JaxFp4GemmW4A4Cuda)},
       {"jaxfp4_gemm_w4a16", reinterpret_cast<void*>(&JaxFp4GemmW4A16Cuda)},
       {"jaxfp4_gemm_w4a4_quantize_a", reinterpret_cast<void*>(&JaxFp4GemmW4A4QuantizeACuda)},

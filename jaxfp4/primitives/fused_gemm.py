@@ -36,9 +36,8 @@ from jax.core import ShapedArray
 from jaxfp4 import format as fmt
 from jaxfp4.fused import RMSNorm, SwiGLU, add_residual
 from jaxfp4.primitives import _common
-from jaxfp4.primitives.gemm import (PACKING_IDS, SMALL_M_MAX, a4_as_a16_fits, decoded_for_a16, gemm_p,
-                                    quantize_a_fits)
-from jaxfp4.primitives.quantize import quantize_p
+from jaxfp4.primitives.gemm import PACKING_IDS, SMALL_M_MAX, a4_as_a16_fits, gemm_p, quantize_a_fits
+from jaxfp4.primitives.quantize import quantize_decoded_p
 
 fused_gemm_p = _common.define("jaxfp4_fused_gemm")
 
@@ -103,11 +102,11 @@ def _prologue_then_fused(a, norm_weight, *rest, prologue, eps, **params):
 def _quantized_then_fused(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, quantize_a,
                           a_sf_layout, **params):
     """W4A4 at the rows gemm_p runs on decoded activations: the prologue in jnp,
-    the quantize kernel, the exact decode to bf16 (gemm.decoded_for_a16), then the
-    fused W4A16 op with g_a * g_b, whose store adds the residual."""
+    one kernel quantizing and decoding x exactly to bf16 (quantize_decoded_p, as
+    gemm's route), then the fused W4A16 op with g_a * g_b, whose store adds the residual."""
     x = _apply_prologue(a, norm_weight, prologue, eps)
-    data, scales = quantize_p.bind(x, a_g, sf_layout=a_sf_layout, dynamic=False)
-    xq, g = decoded_for_a16(data, scales, a_sf_layout, a_g, b_g)
+    (xq,) = quantize_decoded_p.bind(x, a_g)
+    g = a_g.astype(jnp.float32) * b_g.astype(jnp.float32)
     return fused_gemm_p.bind(xq, jnp.zeros((0,), jnp.bfloat16), jnp.zeros((0,), jnp.float32), b_data, b_scales, g,
                              residual, prologue="none", eps=0.0, quantize_a=False, a_sf_layout=None, **params)
 

@@ -19,7 +19,9 @@ weights, one global scale per operand and A4_AS_A16_MIN_M..SMALL_M_MAX rows runs
 as a decoded once, exactly, to bf16 (e2m1 x SF, no global scale) and the W4A16
 kernel with g_a * g_b as the weights' global scale: the same products and
 float32 sums as the W4A4 kernel's, which decodes every activation code again
-for every weight tile it multiplies.
+for every weight tile it multiplies. a is decoded by XLA when it comes
+quantized (mode w4a4) and by the quantize_decoded kernel, in the same launch
+that quantizes it, for w4a4_quantize_a.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from jax.core import ShapedArray
 from jaxfp4 import format as fmt
 from jaxfp4 import packing, reference
 from jaxfp4.primitives import _common
-from jaxfp4.primitives.quantize import quantize_p
+from jaxfp4.primitives.quantize import quantize_decoded_p, quantize_p
 
 gemm_p = _common.define("jaxfp4_gemm")
 
@@ -81,6 +83,16 @@ def _quantize_then_gemm(a, a_g, *b_group, **params):
     """w4a4_quantize_a as two ops: quantize a (a_sf_layout), then the w4a4 GEMM."""
     data, scales = quantize_p.bind(a, a_g, sf_layout=params["a_sf_layout"], dynamic=False)
     return gemm_p.bind(data, scales, a_g, *b_group, **{**params, "mode": "w4a4"})
+
+
+def _quantize_decoded_then_gemm(a, a_g, b_data, b_scales, b_g, **params):
+    """w4a4_quantize_a at the rows W4A4 runs on decoded activations: one kernel
+    quantizes a and writes the values it stands for (e2m1 x SF, bf16), then the
+    W4A16 kernel with g_a * g_b: the products and float32 sums of quantize then
+    the W4A4 kernel, without the codes' round trip through memory and an XLA decode."""
+    (a_dec,) = quantize_decoded_p.bind(a, a_g)
+    g = a_g.astype(jnp.float32) * b_g.astype(jnp.float32)
+    return gemm_p.bind(a_dec, b_data, b_scales, g, **{**params, "mode": "w4a16", "a_sf_layout": None})
 
 
 def _reference(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
@@ -139,9 +151,10 @@ def _a4_as_a16(a_data, a_scales, a_g, b_data, b_scales, b_g, *, a_sf_layout, **p
 
 
 def _a4_as_a16_applies(avals_in, params) -> bool:
-    a_g, b_g = avals_in[2], avals_in[-1]
-    return (params["mode"] == "w4a4" and a4_as_a16_fits(avals_in[0].shape[-2], params["b_packing"])
-            and a_g.size == 1 and b_g.size == 1)
+    """W4A4 (mode w4a4 or w4a4_quantize_a) runs as decoded activations + the W4A16 kernel."""
+    a_g, b_g = avals_in[_N_A[params["mode"]] - 1], avals_in[-1]
+    return (params["mode"] in ("w4a4", "w4a4_quantize_a")
+            and a4_as_a16_fits(avals_in[0].shape[-2], params["b_packing"]) and a_g.size == 1 and b_g.size == 1)
 
 
 def _unpack_then_gemm(*args, **params):
@@ -157,6 +170,8 @@ def _choose(platform, avals_in, params):
         m, k = avals_in[0].shape[-2:]
         if platform == "cuda" and quantize_a_fits(m, k, avals_in[0].dtype, params["b_packing"]):
             return None
+        if platform == "cuda" and _a4_as_a16_applies(avals_in, params):
+            return "quantize (decoded) + w4a16 (W4A4, M >= %d)" % A4_AS_A16_MIN_M, _quantize_decoded_then_gemm
         return "quantize + gemm", _quantize_then_gemm
     if platform != "cuda":
         return ("unpack + gemm", _unpack_then_gemm) if params["b_packing"] is not None else None

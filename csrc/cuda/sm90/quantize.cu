@@ -1,7 +1,9 @@
 // NVFP4 quantization on the GPU (Hopper and up; plain CUDA, no sm_90a-only
 // instructions): the FFI handlers of `jaxfp4_quantize` (static g) and
 // `jaxfp4_quantize_dynamic` (g from the finite amax), nvfp4-spec.md section 2,
-// bit-identical to jaxfp4/reference.py and the CPU handlers.
+// bit-identical to jaxfp4/reference.py and the CPU handlers, and of
+// `jaxfp4_quantize_decoded` (static g: the quantized values e2m1(q) * SF in
+// bf16 instead of codes and scales, for gemm's decoded W4A4 route).
 //
 // Work unit: one scale block (16 consecutive elements of a row) per thread:
 // two 16-byte loads for 16-bit inputs (four for float32), one 8-byte store of
@@ -76,18 +78,24 @@ bool input_type(ffi::DataType t, InputType* out) {
 
 bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
 
-// Shapes shared by both handlers. `g_dims` is nullptr for dynamic g (then the
-// batch axes are x's). Fills `p` except the g pointer.
+// Shapes shared by the handlers. `g_dims` is nullptr for dynamic g (then the
+// batch axes are x's). The results are data and scales, or (data == nullptr)
+// the decoded values. Fills `p` except the g pointer.
 ffi::Error prepare(const char* who, ffi::AnyBuffer x, const int64_t* g_dims, int64_t g_rank,
-                   ffi::AnyBuffer data, ffi::AnyBuffer scales, int32_t sf_layout, QuantizeParams* p,
-                   InputType* type) {
+                   const ffi::AnyBuffer* data, const ffi::AnyBuffer* scales, const ffi::AnyBuffer* decoded,
+                   int32_t sf_layout, QuantizeParams* p, InputType* type) {
   const std::string name(who);
   if (!input_type(x.element_type(), type)) {
     return ffi::Error::InvalidArgument(name + ": x must be F32, BF16 or F16");
   }
-  if (data.element_type() != ffi::DataType::U8) return ffi::Error::InvalidArgument(name + ": data must be U8");
-  if (scales.element_type() != ffi::DataType::F8E4M3FN) {
+  if (data != nullptr && data->element_type() != ffi::DataType::U8) {
+    return ffi::Error::InvalidArgument(name + ": data must be U8");
+  }
+  if (scales != nullptr && scales->element_type() != ffi::DataType::F8E4M3FN) {
     return ffi::Error::InvalidArgument(name + ": scales must be F8E4M3FN");
+  }
+  if (decoded != nullptr && decoded->element_type() != ffi::DataType::BF16) {
+    return ffi::Error::InvalidArgument(name + ": the result must be BF16");
   }
   if (sf_layout < 0 || sf_layout > 2) {
     return ffi::Error::InvalidArgument(name + ": sf_layout must be 0 (linear), 1 (128x4) or 2 (8x4)");
@@ -112,22 +120,32 @@ ffi::Error prepare(const char* who, ffi::AnyBuffer x, const int64_t* g_dims, int
   }
   const SfLayout layout = static_cast<SfLayout>(sf_layout);
   const int64_t C = K / kBlock, Rp = sf_rows(layout, M), Cp = sf_cols(layout, C);
-  const auto dd = data.dimensions(), sd = scales.dimensions();
-  bool ok = static_cast<int64_t>(dd.size()) == rank + 2 && static_cast<int64_t>(sd.size()) == rank + 2;
-  for (int64_t i = 0; ok && i < rank; ++i) ok = dd[i] == map.out_dims[i] && sd[i] == map.out_dims[i];
-  ok = ok && dd[rank] == M && dd[rank + 1] == K / 2 && sd[rank] == Rp && sd[rank + 1] == Cp;
-  if (!ok) {
-    return ffi::Error::InvalidArgument(name + ": results data " + dims_str(dd) + " / scales " + dims_str(sd) +
-                                       " do not match x " + dims_str(xd) + " and sf_layout " +
-                                       std::to_string(sf_layout));
+  if (decoded != nullptr) {
+    const auto od = decoded->dimensions();
+    bool ok = od.size() == xd.size();
+    for (size_t i = 0; ok && i < od.size(); ++i) ok = od[i] == xd[i];
+    if (!ok) return ffi::Error::InvalidArgument(name + ": result " + dims_str(od) + " must have x's shape " + dims_str(xd));
+  } else {
+    const auto dd = data->dimensions(), sd = scales->dimensions();
+    bool ok = static_cast<int64_t>(dd.size()) == rank + 2 && static_cast<int64_t>(sd.size()) == rank + 2;
+    for (int64_t i = 0; ok && i < rank; ++i) ok = dd[i] == map.out_dims[i] && sd[i] == map.out_dims[i];
+    ok = ok && dd[rank] == M && dd[rank + 1] == K / 2 && sd[rank] == Rp && sd[rank + 1] == Cp;
+    if (!ok) {
+      return ffi::Error::InvalidArgument(name + ": results data " + dims_str(dd) + " / scales " + dims_str(sd) +
+                                         " do not match x " + dims_str(xd) + " and sf_layout " +
+                                         std::to_string(sf_layout));
+    }
   }
   const int64_t rows = map.count * M;
   const int64_t units = rows * (K / 8);
   if (units >= (int64_t{1} << 31) || M >= (int64_t{1} << 31) || C >= (int64_t{1} << 30)) {
     return ffi::Error::InvalidArgument(name + ": tensor too large (more than 2^34 elements)");
   }
-  if (!aligned(x.untyped_data(), 16) || !aligned(data.untyped_data(), 8) || !aligned(scales.untyped_data(), 4)) {
-    return ffi::Error::InvalidArgument(name + ": buffers must be 16-byte (x), 8-byte (data) and 4-byte (scales) aligned");
+  if (!aligned(x.untyped_data(), 16) || (data != nullptr && !aligned(data->untyped_data(), 8)) ||
+      (scales != nullptr && !aligned(scales->untyped_data(), 4)) ||
+      (decoded != nullptr && !aligned(decoded->untyped_data(), 16))) {
+    return ffi::Error::InvalidArgument(name +
+                                       ": buffers must be 16-byte (x, decoded), 8-byte (data) and 4-byte (scales) aligned");
   }
   // Dynamic g has x's batch axes (identity); one g serves all when there is one entry.
   bool g_identity = true, g_ones = true;
@@ -138,8 +156,9 @@ ffi::Error prepare(const char* who, ffi::AnyBuffer x, const int64_t* g_dims, int
   const bool g_single = map.count <= 1 || (g_dims != nullptr && g_ones);
   const int g_mode = g_single ? 1 : g_identity ? 0 : 2;
   p->x = x.untyped_data();
-  p->data = static_cast<uint2*>(data.untyped_data());
-  p->scales = static_cast<uint8_t*>(scales.untyped_data());
+  p->data = data != nullptr ? static_cast<uint2*>(data->untyped_data()) : nullptr;
+  p->scales = scales != nullptr ? static_cast<uint8_t*>(scales->untyped_data()) : nullptr;
+  p->decoded = decoded != nullptr ? static_cast<uint4*>(decoded->untyped_data()) : nullptr;
   p->blocks = static_cast<uint32_t>(rows * C);
   p->cols = FastDiv(static_cast<uint32_t>(C > 0 ? C : 1));
   p->rows_per_batch = FastDiv(static_cast<uint32_t>(M > 0 ? M : 1));
@@ -157,13 +176,13 @@ ffi::Error prepare(const char* who, ffi::AnyBuffer x, const int64_t* g_dims, int
   return ffi::Error::Success();
 }
 
-template <typename T, SfLayout L, bool kOneG>
+template <typename T, SfLayout L, bool kOneG, bool kDecoded>
 ffi::Error launch_quantize_as(cudaStream_t stream, const QuantizeParams& p) {
   const int64_t pad = (p.pad_words + p.pad_bytes) * p.batch;
   if (p.blocks == 0 && pad == 0) return ffi::Error::Success();
   const int dev = current_device();
   static std::atomic<int> occupancy[kMaxDevices];
-  int per_sm = resident_ctas(reinterpret_cast<const void*>(quantize_kernel<T, L, kOneG>), kThreads, 0, occupancy, dev);
+  int per_sm = resident_ctas(reinterpret_cast<const void*>(quantize_kernel<T, L, kOneG, kDecoded>), kThreads, 0, occupancy, dev);
   per_sm = per_sm <= 0 ? 2 : std::min(per_sm, kMaxBlocksPerSm);
   const int64_t cap = static_cast<int64_t>(sm_count(dev)) * per_sm;
   // Up to one scale block per thread (small M: all loads at once), then the
@@ -172,15 +191,15 @@ ffi::Error launch_quantize_as(cudaStream_t stream, const QuantizeParams& p) {
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, cap)));
   QuantizeParams q = p;
   q.os_table = kOneG && p.blocks > static_cast<int64_t>(blocks) * kThreads;
-  const cudaError_t err = launch_dependent(quantize_kernel<T, L, kOneG>, dim3(blocks), dim3(kThreads), 0, stream, q);
+  const cudaError_t err = launch_dependent(quantize_kernel<T, L, kOneG, kDecoded>, dim3(blocks), dim3(kThreads), 0, stream, q);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxfp4 quantize launch: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
 
-template <typename T, SfLayout L>
+template <typename T, SfLayout L, bool kDecoded = false>
 ffi::Error launch_quantize_g(cudaStream_t stream, const QuantizeParams& p) {
-  return p.g_mode == 1 && p.flat_rows && !p.wide_offsets ? launch_quantize_as<T, L, true>(stream, p)
-                                                         : launch_quantize_as<T, L, false>(stream, p);
+  return p.g_mode == 1 && p.flat_rows && !p.wide_offsets ? launch_quantize_as<T, L, true, kDecoded>(stream, p)
+                                                         : launch_quantize_as<T, L, false, kDecoded>(stream, p);
 }
 
 template <typename T>
@@ -189,6 +208,15 @@ ffi::Error launch_quantize_layout(cudaStream_t stream, int32_t sf_layout, const 
     case SfLayout::kSwizzled128x4: return launch_quantize_g<T, SfLayout::kSwizzled128x4>(stream, p);
     case SfLayout::kSwizzled8x4: return launch_quantize_g<T, SfLayout::kSwizzled8x4>(stream, p);
     default: return launch_quantize_g<T, SfLayout::kLinear>(stream, p);
+  }
+}
+
+// The decoded values (linear layout: the scales' order does not matter).
+ffi::Error launch_quantize_decoded(cudaStream_t stream, InputType type, const QuantizeParams& p) {
+  switch (type) {
+    case kF32: return launch_quantize_g<float, SfLayout::kLinear, true>(stream, p);
+    case kBF16: return launch_quantize_g<__nv_bfloat16_raw, SfLayout::kLinear, true>(stream, p);
+    default: return launch_quantize_g<__half, SfLayout::kLinear, true>(stream, p);
   }
 }
 
@@ -231,8 +259,8 @@ ffi::Error QuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer g,
   const auto gd = g.dimensions();
   QuantizeParams p{};
   InputType type;
-  if (auto err = prepare("jaxfp4_quantize", x, gd.begin(), static_cast<int64_t>(gd.size()), *data, *scales,
-                         sf_layout, &p, &type);
+  if (auto err = prepare("jaxfp4_quantize", x, gd.begin(), static_cast<int64_t>(gd.size()), &*data, &*scales,
+                         nullptr, sf_layout, &p, &type);
       err.failure()) {
     return err;
   }
@@ -247,7 +275,7 @@ ffi::Error QuantizeDynamicImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Resul
                                int32_t sf_layout) {
   QuantizeParams p{};
   InputType type;
-  if (auto err = prepare("jaxfp4_quantize_dynamic", x, nullptr, 0, *data, *scales, sf_layout, &p, &type);
+  if (auto err = prepare("jaxfp4_quantize_dynamic", x, nullptr, 0, &*data, &*scales, nullptr, sf_layout, &p, &type);
       err.failure()) {
     return err;
   }
@@ -276,8 +304,37 @@ ffi::Error QuantizeDynamicImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Resul
   return launch_quantize(stream, type, sf_layout, p);
 }
 
+ffi::Error QuantizeDecodedImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer g,
+                               ffi::Result<ffi::AnyBuffer> out) {
+  if (g.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("jaxfp4_quantize_decoded: g must be F32");
+  }
+  const auto gd = g.dimensions();
+  QuantizeParams p{};
+  InputType type;
+  if (auto err = prepare("jaxfp4_quantize_decoded", x, gd.begin(), static_cast<int64_t>(gd.size()), nullptr, nullptr,
+                         &*out, 0, &p, &type);
+      err.failure()) {
+    return err;
+  }
+  if (!aligned(g.untyped_data(), 4)) {
+    return ffi::Error::InvalidArgument("jaxfp4_quantize_decoded: g must be 4-byte aligned");
+  }
+  p.g = static_cast<const float*>(g.untyped_data());
+  record_kernel("quantize", "sm90_quantize_decoded");  // after validation: a rejected call ran nothing
+  return launch_quantize_decoded(stream, type, p);
+}
+
 }  // namespace
 }  // namespace jaxfp4
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4QuantizeDecodedCuda, jaxfp4::QuantizeDecodedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x [*L, M, K]
+                                  .Arg<ffi::AnyBuffer>()  // g [*L] F32
+                                  .Ret<ffi::AnyBuffer>(),  // BF16 [*L, M, K]: e2m1(q) * SF
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4QuantizeCuda, jaxfp4::QuantizeImpl,
                               ffi::Ffi::Bind()

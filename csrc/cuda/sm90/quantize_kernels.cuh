@@ -51,6 +51,7 @@ struct QuantizeParams {
   const float* g;         // [*Lg] decode scales
   uint2* data;            // [*L, M, K/2] viewed as 8-byte words (one per scale block)
   uint8_t* scales;        // [*L, Rp, Cp] (or [*L, M, C] linear)
+  uint4* decoded;         // jaxfp4_quantize_decoded: [*L, M, K] bf16, two 16-byte words per block
   uint32_t blocks;        // total scale blocks = rows * C (< 2^30)
   FastDiv cols;           // C = K/16: block index -> row
   FastDiv rows_per_batch; // M: row -> batch entry
@@ -112,6 +113,22 @@ __device__ __forceinline__ void load_trip(const QuantizeParams& p, Blk (&blk)[kU
   }
 }
 
+// The decoded block (jaxfp4_quantize_decoded): e2m1(q) * SF of its 16 codes
+// (element 2i in the low nibble of byte i) in bf16, exactly (at most 5
+// significant bits, 2^-10 .. 2688), stored as two 16-byte words.
+__device__ __forceinline__ void store_decoded(uint4* dst, uint2 q, uint32_t sf) {
+  const float s = e4m3_decode_hw(sf);
+  uint32_t w[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t byte = ((i < 4 ? q.x : q.y) >> (8 * (i & 3))) & 0xFFu;
+    const float lo = e2m1_decode(byte & 0xFu) * s, hi = e2m1_decode(byte >> 4) * s;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(hi), "f"(lo));
+  }
+  dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+  dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
 // kOneG: one g for every batch entry and scale rows that follow the rows of
 // the flattened batch (p.g_mode == 1, p.flat_rows, !p.wide_offsets): the
 // usual activation quantization, with no per-block batch arithmetic. When
@@ -119,8 +136,11 @@ __device__ __forceinline__ void load_trip(const QuantizeParams& p, Blk (&blk)[kU
 // scale byte is tabulated once per CTA: a shared-memory load per block instead
 // of a division (for one block per thread, small M, the table's set-up would
 // only add latency).
-template <typename T, SfLayout L, bool kOneG>
+// kDecoded (linear layout only): instead of codes and scales, the decoded
+// values (store_decoded), the activations of gemm's decoded W4A4 route.
+template <typename T, SfLayout L, bool kOneG, bool kDecoded = false>
 __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams p) {
+  static_assert(!kDecoded || L == SfLayout::kLinear, "decoded output: no scale array to lay out");
   static_assert(kThreads == 256, "the output-scale table has one entry per thread");
   using Blk = typename BlockOf<T>::type;
   const uint32_t nthreads = gridDim.x * blockDim.x;
@@ -179,8 +199,13 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
       const float vmax = blk[j].abs_max();
       const uint32_t sf = block_scale_hw(vmax, gs);
       const float os = table ? os_of_sf[sf] : block_output_scale_hw(sf, inv_gs);
-      p.data[b] = encode16(blk[j], vmax, os);
-      p.scales[off] = static_cast<uint8_t>(sf);
+      const uint2 q = encode16(blk[j], vmax, os);
+      if constexpr (kDecoded) {
+        store_decoded(p.decoded + 2 * static_cast<size_t>(b), q, sf);
+      } else {
+        p.data[b] = q;
+        p.scales[off] = static_cast<uint8_t>(sf);
+      }
     }
   }
 
