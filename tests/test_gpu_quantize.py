@@ -323,32 +323,35 @@ def test_handler_rejects_bad_shapes():
 def _decoded_fn():
     from jaxfp4.primitives.quantize import quantize_decoded_p
 
-    return jax.jit(lambda x, g: quantize_decoded_p.bind(x, g)[0])
+    return jax.jit(quantize_decoded_p.bind)
 
 
-def run_decoded(x: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """jaxfp4_quantize_decoded on the GPU and on the CPU device (the CPU handler)."""
-    got = np.asarray(_decoded_fn()(jax.device_put(x, _gpu()), jax.device_put(g, _gpu())))
+def run_decoded(x: np.ndarray, g: np.ndarray, g_b: np.ndarray):
+    """jaxfp4_quantize_decoded on the GPU and on the CPU device (the CPU handler):
+    ((values, g * g_b) from the GPU, the same from the CPU)."""
+    on = lambda dev: [np.asarray(r) for r in _decoded_fn()(*(jax.device_put(v, dev) for v in (x, g, g_b)))]
+    got = on(_gpu())
     assert jaxfp4.backend_info()["kernels_run"]["quantize"] == "sm90_quantize_decoded"
-    want = np.asarray(_decoded_fn()(jax.device_put(x, _cpu()), jax.device_put(g, _cpu())))
-    return got, want
+    return got, on(_cpu())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape,g_lead", [((1, 16), ()), ((7, 48), ()), ((33, 272), ()), ((16, 4096), ()),
                                           ((32, 14336), ()), ((2, 9, 272), (2,)), ((3, 2, 5, 48), (1, 2))])
 def test_quantize_decoded(rng, dtype, shape, g_lead):
-    """The values quantize(x, g) stands for without g (e2m1 x SF in bf16): the CUDA
-    kernel equals the CPU handler, itself checked against the reference, bit for bit.
-    Device memory is poisoned with 0xFF first, so an unwritten element fails."""
+    """The values quantize(x, g) stands for without g (e2m1 x SF in bf16) and g * g_b:
+    the CUDA kernel equals the CPU handler, itself checked against the reference, bit
+    for bit. Device memory is poisoned with 0xFF first, so an unwritten element fails."""
     x = random_x(rng, shape, dtype)
-    g = random_g(rng, g_lead)
+    g, g_b = random_g(rng, g_lead), random_g(rng, g_lead)
     poison = jax.device_put(np.full(64 << 20, 0xFF, np.uint8), _gpu())
     poison.block_until_ready()
     del poison
-    got, want = run_decoded(x, g)
+    (got, got_g), (want, want_g) = run_decoded(x, g, g_b)
     assert got.dtype == ml_dtypes.bfloat16 and got.shape == x.shape
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(got_g.view(np.uint32), want_g.view(np.uint32))
+    np.testing.assert_array_equal(got_g, np.float32(g) * np.float32(g_b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -358,22 +361,28 @@ def test_quantize_decoded_edge_blocks(dtype):
     from data import edge_blocks
 
     x = edge_blocks().astype(dtype)
-    got, want = run_decoded(x, np.float32(0.01))
+    (got, _), (want, _) = run_decoded(x, np.float32(0.01), np.float32(3.0))
     np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
     assert np.array_equal(np.signbit(got.astype(np.float32)), np.signbit(want.astype(np.float32)))
 
 
 def test_quantize_decoded_rejects_bad_shapes():
     """The CUDA handler's own checks (reached by an ffi_call that bypasses the
-    Python ones): K % 16, the result's shape and dtype, g's shape."""
-    call = lambda shape, dtype: jax.ffi.ffi_call("jaxfp4_quantize_decoded", jax.ShapeDtypeStruct(shape, dtype))
+    Python ones): K % 16, the results' shapes and dtypes, g's and g_b's shapes."""
+    def call(shape, dtype, g_shape=()):
+        return jax.ffi.ffi_call("jaxfp4_quantize_decoded", (jax.ShapeDtypeStruct(shape, dtype),
+                                                             jax.ShapeDtypeStruct(g_shape, jnp.float32)))
+
+    one = jnp.ones((), jnp.float32)
     x = jax.device_put(np.ones((4, 40), ml_dtypes.bfloat16), _gpu())
     with pytest.raises(Exception, match="multiple of 16"):
-        jax.block_until_ready(call((4, 40), jnp.bfloat16)(x, jnp.ones((), jnp.float32)))
+        jax.block_until_ready(call((4, 40), jnp.bfloat16)(x, one, one))
     x = jax.device_put(np.ones((4, 48), ml_dtypes.bfloat16), _gpu())
     with pytest.raises(Exception, match="x's shape"):
-        jax.block_until_ready(call((4, 32), jnp.bfloat16)(x, jnp.ones((), jnp.float32)))
+        jax.block_until_ready(call((4, 32), jnp.bfloat16)(x, one, one))
     with pytest.raises(Exception, match="BF16"):
-        jax.block_until_ready(call((4, 48), jnp.float32)(x, jnp.ones((), jnp.float32)))
+        jax.block_until_ready(call((4, 48), jnp.float32)(x, one, one))
     with pytest.raises(Exception, match="g must have"):
-        jax.block_until_ready(call((4, 48), jnp.bfloat16)(x, jnp.ones((3,), jnp.float32)))
+        jax.block_until_ready(call((4, 48), jnp.bfloat16, (3,))(x, jnp.ones((3,), jnp.float32), jnp.ones((3,))))
+    with pytest.raises(Exception, match="g's shape"):
+        jax.block_until_ready(call((4, 48), jnp.bfloat16)(x, one, jnp.ones((2,), jnp.float32)))

@@ -235,10 +235,12 @@ def test_quantize_decoded(rng, dtype, shape, g_shape):
 
     x = jnp.asarray(random_matrix(rng, shape)).astype(dtype)
     g = jnp.asarray((10.0 ** rng.uniform(-3, 1, size=g_shape)).astype(np.float32))
-    got = jax.jit(lambda x, g: quantize_decoded_p.bind(x, g)[0])(x, g)
+    g_b = jnp.asarray((10.0 ** rng.uniform(-3, 1, size=g_shape)).astype(np.float32))
+    got, g_ab = jax.jit(quantize_decoded_p.bind)(x, g, g_b)
     assert jaxfp4.backend_info()["lowered"]["quantize[cpu]"] == "jaxfp4_quantize_decoded"
     assert got.dtype == jnp.bfloat16 and got.shape == x.shape
     np.testing.assert_array_equal(np.asarray(got).view(np.uint16), _decoded_reference(x, g).view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(g_ab), np.asarray(g) * np.asarray(g_b))
 
 
 def test_quantize_decoded_edge_blocks():
@@ -247,7 +249,7 @@ def test_quantize_decoded_edge_blocks():
 
     x = jnp.asarray(edge_blocks())
     g = jnp.float32(0.01)
-    got = np.asarray(jax.jit(lambda x: quantize_decoded_p.bind(x, g)[0])(x), np.float32)
+    got = np.asarray(jax.jit(lambda x: quantize_decoded_p.bind(x, g, g)[0])(x), np.float32)
     np.testing.assert_array_equal(got, np.asarray(_decoded_reference(x, g), np.float32))
 
 

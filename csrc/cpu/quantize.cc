@@ -113,9 +113,11 @@ ffi::Error quantize_dynamic_impl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> d
   return ffi::Error::Success();
 }
 
-// The values quantize(x, g) stands for without g: bf16(e2m1(q) * SF), exact
-// (gemm's decoded W4A4 route; linear scales internally, the order is moot).
-ffi::Error quantize_decoded_impl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> out) {
+// The values quantize(x, g) stands for without g: bf16(e2m1(q) * SF), exact,
+// and g * g_b: the W4A16 operands of gemm's decoded W4A4 route (linear scales
+// internally, their order is moot).
+ffi::Error quantize_decoded_impl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer g_b,
+                                 ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> g_ab) {
   record_kernel("quantize", "cpu");
   if (auto e = check_rank(x, "x", 2); e.failure()) return e;
   if (!is_float_dtype(x.element_type())) return ffi::Error::InvalidArgument("x must be float32, bfloat16 or float16");
@@ -127,8 +129,21 @@ ffi::Error quantize_decoded_impl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result
   if (auto e = check_buffer(*out, "out", ffi::DataType::BF16, d.begin(), nl, M, K); e.failure()) return e;
   BatchMap gmap;
   if (auto e = check_global_scale(g, "g", d.begin(), nl, &gmap); e.failure()) return e;
+  const Dims gd = g.dimensions();
+  const int gr = static_cast<int>(gd.size());
+  for (const ffi::AnyBuffer* b : {&g_b, &*g_ab}) {  // float32 of g's shape
+    const Dims bd = b->dimensions();
+    bool same = b->element_type() == ffi::DataType::F32 && bd.size() == gd.size();
+    for (int i = 0; same && i < gr; ++i) same = bd[i] == gd[i];
+    if (!same)
+      return ffi::Error::InvalidArgument(std::string(b == &g_b ? "g_b" : "g * g_b") + " must be float32 of g's shape " +
+                                         dims_str(gd));
+  }
   const int64_t L = prod(d.begin(), nl), C = K / kBlock;
   const float* gp = static_cast<const float*>(g.untyped_data());
+  const float* gbp = static_cast<const float*>(g_b.untyped_data());
+  float* gab = static_cast<float*>(g_ab->untyped_data());
+  for (int64_t i = 0; i < prod(gd.begin(), gr); ++i) gab[i] = gp[i] * gbp[i];
   std::vector<uint8_t> q(static_cast<size_t>(M * (K / 2))), sf(static_cast<size_t>(M * C));
   std::vector<float> row(static_cast<size_t>(K));
   for (int64_t i = 0; i < L; ++i) {
@@ -202,7 +217,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4CpuQuantizeDecoded, jaxfp4::cpu::quantize_de
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()   // x
                                   .Arg<ffi::AnyBuffer>()   // g
-                                  .Ret<ffi::AnyBuffer>());  // out BF16
+                                  .Arg<ffi::AnyBuffer>()   // g_b
+                                  .Ret<ffi::AnyBuffer>()   // out BF16
+                                  .Ret<ffi::AnyBuffer>());  // g * g_b
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4CpuDequantize, jaxfp4::cpu::dequantize_impl,
                               ffi::Ffi::Bind()

@@ -105,8 +105,7 @@ def _quantized_then_fused(a, norm_weight, a_g, b_data, b_scales, b_g, residual, 
     one kernel quantizing and decoding x exactly to bf16 (quantize_decoded_p, as
     gemm's route), then the fused W4A16 op with g_a * g_b, whose store adds the residual."""
     x = _apply_prologue(a, norm_weight, prologue, eps)
-    (xq,) = quantize_decoded_p.bind(x, a_g)
-    g = a_g.astype(jnp.float32) * b_g.astype(jnp.float32)
+    xq, g = quantize_decoded_p.bind(x, a_g, b_g.reshape(a_g.shape))
     return fused_gemm_p.bind(xq, jnp.zeros((0,), jnp.bfloat16), jnp.zeros((0,), jnp.float32), b_data, b_scales, g,
                              residual, prologue="none", eps=0.0, quantize_a=False, a_sf_layout=None, **params)
 

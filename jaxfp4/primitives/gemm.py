@@ -89,9 +89,9 @@ def _quantize_decoded_then_gemm(a, a_g, b_data, b_scales, b_g, **params):
     """w4a4_quantize_a at the rows W4A4 runs on decoded activations: one kernel
     quantizes a and writes the values it stands for (e2m1 x SF, bf16), then the
     W4A16 kernel with g_a * g_b: the products and float32 sums of quantize then
-    the W4A4 kernel, without the codes' round trip through memory and an XLA decode."""
-    (a_dec,) = quantize_decoded_p.bind(a, a_g)
-    g = a_g.astype(jnp.float32) * b_g.astype(jnp.float32)
+    the W4A4 kernel, without the codes' round trip through memory, an XLA decode
+    and an XLA multiply (each a kernel of its own)."""
+    a_dec, g = quantize_decoded_p.bind(a, a_g, b_g.reshape(a_g.shape))
     return gemm_p.bind(a_dec, b_data, b_scales, g, **{**params, "mode": "w4a16", "a_sf_layout": None})
 
 

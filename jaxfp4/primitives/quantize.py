@@ -3,10 +3,11 @@
 Params: sf_layout ("linear" | "128x4" | "8x4"), dynamic (bool: g computed from
 the finite amax per batch entry and returned as a third result).
 
-quantize_decoded_p: x [*L, M, K], g [*L] -> bf16 [*L, M, K], the values
-quantize(x, g) stands for without g: e2m1(q) * SF, exact in bf16 (at most 5
-significant bits, 2^-10 .. 2688). gemm's W4A4 route on decoded activations
-uses it: one kernel instead of the quantize kernel and an XLA decode.
+quantize_decoded_p: x [*L, M, K], g [*L], g_b (g's shape) -> bf16 [*L, M, K],
+the values quantize(x, g) stands for without g: e2m1(q) * SF, exact in bf16
+(at most 5 significant bits, 2^-10 .. 2688), and g * g_b (float32): the W4A16
+operands of gemm's W4A4 route on decoded activations, in one kernel instead of
+the quantize kernel, an XLA decode and an XLA multiply.
 """
 
 from __future__ import annotations
@@ -55,18 +56,19 @@ _common.register_batcher(quantize_p, _batch)
 quantize_decoded_p = _common.define("jaxfp4_quantize_decoded")
 
 
-def _decoded_abstract_eval(x, g):
-    return [ShapedArray(x.shape, jnp.bfloat16)]
+def _decoded_abstract_eval(x, g, g_b):
+    return [ShapedArray(x.shape, jnp.bfloat16), ShapedArray(g.shape, jnp.float32)]
 
 
-def _decoded_reference(x, g):
+def _decoded_reference(x, g, g_b):
     data, scales, _ = reference.quantize(x, g, sf_layout="linear")
-    return [reference.dequantize_unscaled(data, scales, "linear").astype(jnp.bfloat16)]
+    return [reference.dequantize_unscaled(data, scales, "linear").astype(jnp.bfloat16),
+            g.astype(jnp.float32) * g_b.astype(jnp.float32)]
 
 
 def _decoded_batch(args, dims):
     size = _common.batch_size(args, dims)
-    return quantize_decoded_p.bind(*_common.batch_group(args, dims, size)), [0]
+    return quantize_decoded_p.bind(*_common.batch_group(args, dims, size)), [0, 0]
 
 
 quantize_decoded_p.def_abstract_eval(_decoded_abstract_eval)

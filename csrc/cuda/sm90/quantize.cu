@@ -3,7 +3,8 @@
 // `jaxfp4_quantize_dynamic` (g from the finite amax), nvfp4-spec.md section 2,
 // bit-identical to jaxfp4/reference.py and the CPU handlers, and of
 // `jaxfp4_quantize_decoded` (static g: the quantized values e2m1(q) * SF in
-// bf16 instead of codes and scales, for gemm's decoded W4A4 route).
+// bf16 instead of codes and scales, and g * g_b, the W4A16 operands of gemm's
+// decoded W4A4 route).
 //
 // Work unit: one scale block (16 consecutive elements of a row) per thread:
 // two 16-byte loads for 16-bit inputs (four for float32), one 8-byte store of
@@ -179,10 +180,11 @@ ffi::Error prepare(const char* who, ffi::AnyBuffer x, const int64_t* g_dims, int
 template <typename T, SfLayout L, bool kOneG, bool kDecoded>
 ffi::Error launch_quantize_as(cudaStream_t stream, const QuantizeParams& p) {
   const int64_t pad = (p.pad_words + p.pad_bytes) * p.batch;
-  if (p.blocks == 0 && pad == 0) return ffi::Error::Success();
+  if (p.blocks == 0 && pad == 0 && !(kDecoded && p.g_count > 0)) return ffi::Error::Success();  // (decoded: g * g_b)
   const int dev = current_device();
   static std::atomic<int> occupancy[kMaxDevices];
-  int per_sm = resident_ctas(reinterpret_cast<const void*>(quantize_kernel<T, L, kOneG, kDecoded>), kThreads, 0, occupancy, dev);
+  auto kernel = quantize_kernel<T, L, kOneG, kDecoded>;
+  int per_sm = resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, 0, occupancy, dev);
   per_sm = per_sm <= 0 ? 2 : std::min(per_sm, kMaxBlocksPerSm);
   const int64_t cap = static_cast<int64_t>(sm_count(dev)) * per_sm;
   // Up to one scale block per thread (small M: all loads at once), then the
@@ -191,7 +193,7 @@ ffi::Error launch_quantize_as(cudaStream_t stream, const QuantizeParams& p) {
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, cap)));
   QuantizeParams q = p;
   q.os_table = kOneG && p.blocks > static_cast<int64_t>(blocks) * kThreads;
-  const cudaError_t err = launch_dependent(quantize_kernel<T, L, kOneG, kDecoded>, dim3(blocks), dim3(kThreads), 0, stream, q);
+  const cudaError_t err = launch_dependent(kernel, dim3(blocks), dim3(kThreads), 0, stream, q);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("jaxfp4 quantize launch: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
@@ -304,10 +306,18 @@ ffi::Error QuantizeDynamicImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Resul
   return launch_quantize(stream, type, sf_layout, p);
 }
 
-ffi::Error QuantizeDecodedImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer g,
-                               ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error QuantizeDecodedImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer g_b,
+                               ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> g_ab) {
   if (g.element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("jaxfp4_quantize_decoded: g must be F32");
+  }
+  const auto gbd = g_b.dimensions(), gad = g_ab->dimensions(), g_dims = g.dimensions();
+  bool same = g_b.element_type() == ffi::DataType::F32 && g_ab->element_type() == ffi::DataType::F32 &&
+              gbd.size() == g_dims.size() && gad.size() == g_dims.size();
+  for (size_t i = 0; same && i < g_dims.size(); ++i) same = gbd[i] == g_dims[i] && gad[i] == g_dims[i];
+  if (!same) {
+    return ffi::Error::InvalidArgument("jaxfp4_quantize_decoded: g_b and the result g * g_b must be F32 of g's shape " +
+                                       dims_str(g_dims));
   }
   const auto gd = g.dimensions();
   QuantizeParams p{};
@@ -317,10 +327,13 @@ ffi::Error QuantizeDecodedImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBu
       err.failure()) {
     return err;
   }
-  if (!aligned(g.untyped_data(), 4)) {
-    return ffi::Error::InvalidArgument("jaxfp4_quantize_decoded: g must be 4-byte aligned");
+  if (!aligned(g.untyped_data(), 4) || !aligned(g_b.untyped_data(), 4) || !aligned(g_ab->untyped_data(), 4)) {
+    return ffi::Error::InvalidArgument("jaxfp4_quantize_decoded: g, g_b and g * g_b must be 4-byte aligned");
   }
   p.g = static_cast<const float*>(g.untyped_data());
+  p.g_b = static_cast<const float*>(g_b.untyped_data());
+  p.g_ab = static_cast<float*>(g_ab->untyped_data());
+  p.g_count = static_cast<int64_t>(g.element_count());
   record_kernel("quantize", "sm90_quantize_decoded");  // after validation: a rejected call ran nothing
   return launch_quantize_decoded(stream, type, p);
 }
@@ -333,7 +346,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4QuantizeDecodedCuda, jaxfp4::QuantizeDecoded
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()  // x [*L, M, K]
                                   .Arg<ffi::AnyBuffer>()  // g [*L] F32
-                                  .Ret<ffi::AnyBuffer>(),  // BF16 [*L, M, K]: e2m1(q) * SF
+                                  .Arg<ffi::AnyBuffer>()  // g_b, g's shape, F32
+                                  .Ret<ffi::AnyBuffer>()  // BF16 [*L, M, K]: e2m1(q) * SF
+                                  .Ret<ffi::AnyBuffer>(),  // g * g_b
+
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4QuantizeCuda, jaxfp4::QuantizeImpl,

@@ -52,6 +52,9 @@ struct QuantizeParams {
   uint2* data;            // [*L, M, K/2] viewed as 8-byte words (one per scale block)
   uint8_t* scales;        // [*L, Rp, Cp] (or [*L, M, C] linear)
   uint4* decoded;         // jaxfp4_quantize_decoded: [*L, M, K] bf16, two 16-byte words per block
+  const float* g_b;       // jaxfp4_quantize_decoded: the other operand's g, g's shape
+  float* g_ab;            // jaxfp4_quantize_decoded: g * g_b (float32), g's shape
+  int64_t g_count;        // elements of g
   uint32_t blocks;        // total scale blocks = rows * C (< 2^30)
   FastDiv cols;           // C = K/16: block index -> row
   FastDiv rows_per_batch; // M: row -> batch entry
@@ -150,6 +153,12 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
   // nothing before the kernel it follows has completed.
   allow_dependent_launch();
   grid_dependency_wait();
+  if constexpr (kDecoded) {
+    // The product the GEMM that follows scales by (an XLA multiply would be a
+    // kernel of its own): float32 g * g_b, as the W4A4 kernel computes it.
+    if (blockIdx.x == 0)
+      for (int64_t i = threadIdx.x; i < p.g_count; i += blockDim.x) p.g_ab[i] = __ldg(p.g + i) * __ldg(p.g_b + i);
+  }
 
   // gs = 1/g and the 1/gs of block_output_scale, per batch entry (computed
   // once per entry a thread meets). One g for everything is requested before
