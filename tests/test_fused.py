@@ -164,8 +164,9 @@ def test_fused_fits_rule():
 
 @pytest.mark.parametrize("m,prologue", [(9, "rms_norm"), (16, "none"), (32, "swiglu")])
 def test_w4a4_residual_at_decoded_rows(rng, m, prologue):
-    """W4A4 + residual for 9..32 rows on the GPU (fused_gemm._quantized_then_fused:
-    quantize, decode, the W4A16 op storing the residual), run here through the CPU
+    """W4A4 + residual at rows the fused kernel cannot quantize itself on the GPU
+    (fused_gemm._quantized_then_fused: quantize and decode in one launch, the W4A16
+    op storing the residual), run here through the CPU
     handlers: the same bits as the separate ops; and the CUDA lowering's choice."""
     from jax.core import ShapedArray
     from jaxfp4.primitives import fused_gemm

@@ -253,9 +253,9 @@ def test_quantize_decoded_edge_blocks():
     np.testing.assert_array_equal(got, np.asarray(_decoded_reference(x, g), np.float32))
 
 
-@pytest.mark.parametrize("m", [9, 17, 32])
+@pytest.mark.parametrize("m", [1, 3, 9, 17, 32])
 def test_w4a4_quantize_decoded_route_is_the_w4a4_product(rng, m):
-    """The GPU's one-op W4A4 route for 9..32 rows with prepared weights
+    """The GPU's one-op W4A4 route for M <= 32 rows with prepared weights
     (gemm._quantize_decoded_then_gemm: a quantized and decoded in one kernel, then
     W4A16 with g_a * g_b), run through the CPU handlers: quantize then the W4A4
     GEMM, bit for bit."""
@@ -275,8 +275,8 @@ def test_w4a4_quantize_decoded_route_is_the_w4a4_product(rng, m):
 
 def test_w4a4_quantize_a_routing():
     """Which one-op W4A4 GEMMs (input_scale) the CUDA lowering runs how: the kernel
-    quantizing a itself (M <= 8 rows that fit), quantize_decoded + W4A16 (9..32
-    rows, prepared weights), else the quantize kernel then the W4A4 GEMM."""
+    quantizing a itself (M <= 8 rows that fit), quantize_decoded + W4A16 (the other
+    M <= 32, prepared weights), else the quantize kernel then the W4A4 GEMM."""
     from jax.core import ShapedArray
     from jaxfp4.primitives import gemm
 
@@ -289,9 +289,9 @@ def test_w4a4_quantize_a_routing():
     params = dict(mode="w4a4_quantize_a", a_sf_layout="8x4", b_sf_layout="128x4", b_packing="sm90",
                   b_shape=(32, 4096), out_dtype=jnp.bfloat16)
     assert gemm._choose("cuda", avals(8, 4096), params) is None  # in-kernel quantization
-    assert gemm._choose("cuda", avals(8, 8192), params)[1] is gemm._quantize_then_gemm  # rows too long for it
-    for m in (gemm.A4_AS_A16_MIN_M, 16, gemm.SMALL_M_MAX):
-        assert gemm._choose("cuda", avals(m, 4096), params)[1] is gemm._quantize_decoded_then_gemm
+    for m, k in ((8, 8192), (3, 14336), (9, 4096), (16, 4096), (gemm.SMALL_M_MAX, 4096)):  # the rest of M <= 32
+        assert gemm._choose("cuda", avals(m, k), params)[1] is gemm._quantize_decoded_then_gemm
+    assert gemm._choose("cuda", avals(gemm.SMALL_M_MAX + 1, 4096), params)[1] is gemm._quantize_then_gemm
     assert gemm._choose("cuda", avals(16, 4096, lead=3), params)[1] is gemm._quantize_then_gemm  # g_a per entry
     assert gemm._choose("cuda", avals(16, 4096), {**params, "b_packing": None})[1] is gemm._quantize_then_gemm
     assert gemm._choose("cpu", avals(16, 4096), params)[1] is gemm._quantize_then_gemm

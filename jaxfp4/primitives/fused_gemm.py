@@ -15,10 +15,10 @@ Kernel choice (cuda): `jaxfp4_gemm_fused` where `fused_fits` (bf16 a; W4A4
 and prologues need sm90-packed weights and rows staged in shared memory, as
 the in-kernel quantization's, W4A4 M <= 8; a prologue only for M <=
 PROLOGUE_MAX_M); a prologue it cannot take runs in jnp before the fused op
-with the residual alone (`_prologue_then_fused`); W4A4 with a residual and
-the rows gemm runs as decoded activations + W4A16 (gemm.a4_as_a16_fits)
-quantizes, decodes, and stores the residual in the W4A16 kernel
-(`_quantized_then_fused`); everywhere else the
+with the residual alone (`_prologue_then_fused`); W4A4 with a residual at
+rows the fused kernel cannot quantize itself (gemm.quantize_decoded_fits)
+quantizes and decodes in one launch and stores the residual in the W4A16
+kernel (`_quantized_then_fused`); everywhere else the
 composition `_compose`: the prologue in jnp, gemm_p (whatever kernel it
 picks), the residual added by XLA. The two agree bit for bit in the residual add; the staged prologue values
 may differ by one bf16 ulp (jaxfp4/fused.py), and W4A4 then quantizes them.
@@ -36,7 +36,7 @@ from jax.core import ShapedArray
 from jaxfp4 import format as fmt
 from jaxfp4.fused import RMSNorm, SwiGLU, add_residual
 from jaxfp4.primitives import _common
-from jaxfp4.primitives.gemm import PACKING_IDS, SMALL_M_MAX, a4_as_a16_fits, gemm_p, quantize_a_fits
+from jaxfp4.primitives.gemm import PACKING_IDS, SMALL_M_MAX, gemm_p, quantize_a_fits, quantize_decoded_fits
 from jaxfp4.primitives.quantize import quantize_decoded_p
 
 fused_gemm_p = _common.define("jaxfp4_fused_gemm")
@@ -101,7 +101,7 @@ def _prologue_then_fused(a, norm_weight, *rest, prologue, eps, **params):
 
 def _quantized_then_fused(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, quantize_a,
                           a_sf_layout, **params):
-    """W4A4 at the rows gemm_p runs on decoded activations: the prologue in jnp,
+    """W4A4 + residual at rows the fused kernel cannot quantize itself: the prologue in jnp,
     one kernel quantizing and decoding x exactly to bf16 (quantize_decoded_p, as
     gemm's route), then the fused W4A16 op with g_a * g_b, whose store adds the residual."""
     x = _apply_prologue(a, norm_weight, prologue, eps)
@@ -120,7 +120,7 @@ def _choose(platform, avals_in, params):
     if (platform == "cuda" and params["prologue"] != "none" and (residual.size > 0 or params["quantize_a"])
             and fits("none")):
         return "prologue, then gemm + residual (fused)", _prologue_then_fused
-    if (platform == "cuda" and params["quantize_a"] and residual.size > 0 and a4_as_a16_fits(m, params["b_packing"])
+    if (platform == "cuda" and params["quantize_a"] and residual.size > 0 and quantize_decoded_fits(m, params["b_packing"])
             and np.dtype(params["out_dtype"]) == np.dtype(jnp.bfloat16)):
         return "prologue, quantize, decode, then w4a16 gemm + residual (fused)", _quantized_then_fused
     return "prologue + gemm + residual (unfused)", _compose

@@ -20,8 +20,9 @@ as a decoded once, exactly, to bf16 (e2m1 x SF, no global scale) and the W4A16
 kernel with g_a * g_b as the weights' global scale: the same products and
 float32 sums as the W4A4 kernel's, which decodes every activation code again
 for every weight tile it multiplies. a is decoded by XLA when it comes
-quantized (mode w4a4) and by the quantize_decoded kernel, in the same launch
-that quantizes it, for w4a4_quantize_a.
+quantized (mode w4a4); w4a4_quantize_a that the GEMM kernel cannot quantize
+itself runs, at any M <= SMALL_M_MAX, as the quantize_decoded kernel (the
+decode and g_a * g_b in the launch that quantizes a) and the W4A16 kernel.
 """
 
 from __future__ import annotations
@@ -132,8 +133,18 @@ def _xla_dequant_dot(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, 
 
 
 def a4_as_a16_fits(m: int, b_packing) -> bool:
-    """Whether CUDA runs a W4A4 product of m rows as decoded activations + the W4A16 kernel."""
+    """Whether CUDA runs a W4A4 product of m quantized rows as decoded activations
+    (an XLA decode) + the W4A16 kernel."""
     return b_packing == "sm90" and A4_AS_A16_MIN_M <= m <= SMALL_M_MAX
+
+
+def quantize_decoded_fits(m: int, b_packing) -> bool:
+    """Whether CUDA runs a W4A4 product of m float rows it quantizes itself, where
+    the GEMM kernel does not (quantize_a_fits), as quantize_decoded + the W4A16
+    kernel: at any M the decode rides in the quantize launch, and the W4A16
+    kernel is the faster of the two (the W4A4 kernel decodes activation codes again
+    for every weight tile)."""
+    return b_packing == "sm90" and m <= SMALL_M_MAX
 
 
 def decoded_for_a16(a_data, a_scales, a_sf_layout, a_g, b_g):
@@ -152,9 +163,9 @@ def _a4_as_a16(a_data, a_scales, a_g, b_data, b_scales, b_g, *, a_sf_layout, **p
 
 def _a4_as_a16_applies(avals_in, params) -> bool:
     """W4A4 (mode w4a4 or w4a4_quantize_a) runs as decoded activations + the W4A16 kernel."""
-    a_g, b_g = avals_in[_N_A[params["mode"]] - 1], avals_in[-1]
-    return (params["mode"] in ("w4a4", "w4a4_quantize_a")
-            and a4_as_a16_fits(avals_in[0].shape[-2], params["b_packing"]) and a_g.size == 1 and b_g.size == 1)
+    mode, m, a_g, b_g = params["mode"], avals_in[0].shape[-2], avals_in[_N_A[params["mode"]] - 1], avals_in[-1]
+    fits = {"w4a4": a4_as_a16_fits, "w4a4_quantize_a": quantize_decoded_fits}.get(mode)
+    return fits is not None and fits(m, params["b_packing"]) and a_g.size == 1 and b_g.size == 1
 
 
 def _unpack_then_gemm(*args, **params):
@@ -171,7 +182,7 @@ def _choose(platform, avals_in, params):
         if platform == "cuda" and quantize_a_fits(m, k, avals_in[0].dtype, params["b_packing"]):
             return None
         if platform == "cuda" and _a4_as_a16_applies(avals_in, params):
-            return "quantize (decoded) + w4a16 (W4A4, M >= %d)" % A4_AS_A16_MIN_M, _quantize_decoded_then_gemm
+            return "quantize (decoded) + w4a16 (W4A4)", _quantize_decoded_then_gemm
         return "quantize + gemm", _quantize_then_gemm
     if platform != "cuda":
         return ("unpack + gemm", _unpack_then_gemm) if params["b_packing"] is not None else None
