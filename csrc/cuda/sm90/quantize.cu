@@ -177,13 +177,13 @@ ffi::Error prepare(const char* who, ffi::AnyBuffer x, const int64_t* g_dims, int
   return ffi::Error::Success();
 }
 
-template <typename T, SfLayout L, bool kOneG, bool kDecoded>
+template <typename T, SfLayout L, bool kOneG>
 ffi::Error launch_quantize_as(cudaStream_t stream, const QuantizeParams& p) {
   const int64_t pad = (p.pad_words + p.pad_bytes) * p.batch;
-  if (p.blocks == 0 && pad == 0 && !(kDecoded && p.g_count > 0)) return ffi::Error::Success();  // (decoded: g * g_b)
+  if (p.blocks == 0 && pad == 0) return ffi::Error::Success();
   const int dev = current_device();
   static std::atomic<int> occupancy[kMaxDevices];
-  auto kernel = quantize_kernel<T, L, kOneG, kDecoded>;
+  auto kernel = quantize_kernel<T, L, kOneG>;
   int per_sm = resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, 0, occupancy, dev);
   per_sm = per_sm <= 0 ? 2 : std::min(per_sm, kMaxBlocksPerSm);
   const int64_t cap = static_cast<int64_t>(sm_count(dev)) * per_sm;
@@ -198,10 +198,10 @@ ffi::Error launch_quantize_as(cudaStream_t stream, const QuantizeParams& p) {
   return ffi::Error::Success();
 }
 
-template <typename T, SfLayout L, bool kDecoded = false>
+template <typename T, SfLayout L>
 ffi::Error launch_quantize_g(cudaStream_t stream, const QuantizeParams& p) {
-  return p.g_mode == 1 && p.flat_rows && !p.wide_offsets ? launch_quantize_as<T, L, true, kDecoded>(stream, p)
-                                                         : launch_quantize_as<T, L, false, kDecoded>(stream, p);
+  return p.g_mode == 1 && p.flat_rows && !p.wide_offsets ? launch_quantize_as<T, L, true>(stream, p)
+                                                         : launch_quantize_as<T, L, false>(stream, p);
 }
 
 template <typename T>
@@ -213,12 +213,29 @@ ffi::Error launch_quantize_layout(cudaStream_t stream, int32_t sf_layout, const 
   }
 }
 
-// The decoded values (linear layout: the scales' order does not matter).
+template <typename T>
+ffi::Error launch_quantize_decoded_as(cudaStream_t stream, const QuantizeParams& p) {
+  const int dev = current_device();
+  static std::atomic<int> occupancy[kMaxDevices];
+  auto kernel = quantize_decoded_kernel<T>;
+  int per_sm = resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, 0, occupancy, dev);
+  per_sm = per_sm <= 0 ? 2 : std::min(per_sm, kMaxBlocksPerSm);
+  // Four lanes a scale block, up to a full wave (then a grid-stride loop); at
+  // least one CTA, which also writes g * g_b.
+  const int64_t want = (4 * static_cast<int64_t>(p.blocks) + kThreads - 1) / kThreads;
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sm_count(dev)} * per_sm)));
+  const cudaError_t err = launch_dependent(kernel, dim3(blocks), dim3(kThreads), 0, stream, p);
+  if (err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jaxfp4 quantize_decoded launch: ") + cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error launch_quantize_decoded(cudaStream_t stream, InputType type, const QuantizeParams& p) {
   switch (type) {
-    case kF32: return launch_quantize_g<float, SfLayout::kLinear, true>(stream, p);
-    case kBF16: return launch_quantize_g<__nv_bfloat16_raw, SfLayout::kLinear, true>(stream, p);
-    default: return launch_quantize_g<__half, SfLayout::kLinear, true>(stream, p);
+    case kF32: return launch_quantize_decoded_as<float>(stream, p);
+    case kBF16: return launch_quantize_decoded_as<__nv_bfloat16_raw>(stream, p);
+    default: return launch_quantize_decoded_as<__half>(stream, p);
   }
 }
 

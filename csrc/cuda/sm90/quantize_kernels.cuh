@@ -116,22 +116,6 @@ __device__ __forceinline__ void load_trip(const QuantizeParams& p, Blk (&blk)[kU
   }
 }
 
-// The decoded block (jaxfp4_quantize_decoded): e2m1(q) * SF of its 16 codes
-// (element 2i in the low nibble of byte i) in bf16, exactly (at most 5
-// significant bits, 2^-10 .. 2688), stored as two 16-byte words.
-__device__ __forceinline__ void store_decoded(uint4* dst, uint2 q, uint32_t sf) {
-  const float s = e4m3_decode_hw(sf);
-  uint32_t w[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t byte = ((i < 4 ? q.x : q.y) >> (8 * (i & 3))) & 0xFFu;
-    const float lo = e2m1_decode(byte & 0xFu) * s, hi = e2m1_decode(byte >> 4) * s;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(hi), "f"(lo));
-  }
-  dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-  dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
-}
-
 // kOneG: one g for every batch entry and scale rows that follow the rows of
 // the flattened batch (p.g_mode == 1, p.flat_rows, !p.wide_offsets): the
 // usual activation quantization, with no per-block batch arithmetic. When
@@ -139,11 +123,8 @@ __device__ __forceinline__ void store_decoded(uint4* dst, uint2 q, uint32_t sf) 
 // scale byte is tabulated once per CTA: a shared-memory load per block instead
 // of a division (for one block per thread, small M, the table's set-up would
 // only add latency).
-// kDecoded (linear layout only): instead of codes and scales, the decoded
-// values (store_decoded), the activations of gemm's decoded W4A4 route.
-template <typename T, SfLayout L, bool kOneG, bool kDecoded = false>
+template <typename T, SfLayout L, bool kOneG>
 __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams p) {
-  static_assert(!kDecoded || L == SfLayout::kLinear, "decoded output: no scale array to lay out");
   static_assert(kThreads == 256, "the output-scale table has one entry per thread");
   using Blk = typename BlockOf<T>::type;
   const uint32_t nthreads = gridDim.x * blockDim.x;
@@ -153,12 +134,6 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
   // nothing before the kernel it follows has completed.
   allow_dependent_launch();
   grid_dependency_wait();
-  if constexpr (kDecoded) {
-    // The product the GEMM that follows scales by (an XLA multiply would be a
-    // kernel of its own): float32 g * g_b, as the W4A4 kernel computes it.
-    if (blockIdx.x == 0)
-      for (int64_t i = threadIdx.x; i < p.g_count; i += blockDim.x) p.g_ab[i] = __ldg(p.g + i) * __ldg(p.g_b + i);
-  }
 
   // gs = 1/g and the 1/gs of block_output_scale, per batch entry (computed
   // once per entry a thread meets). One g for everything is requested before
@@ -208,13 +183,8 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
       const float vmax = blk[j].abs_max();
       const uint32_t sf = block_scale_hw(vmax, gs);
       const float os = table ? os_of_sf[sf] : block_output_scale_hw(sf, inv_gs);
-      const uint2 q = encode16(blk[j], vmax, os);
-      if constexpr (kDecoded) {
-        store_decoded(p.decoded + 2 * static_cast<size_t>(b), q, sf);
-      } else {
-        p.data[b] = q;
-        p.scales[off] = static_cast<uint8_t>(sf);
-      }
+      p.data[b] = encode16(blk[j], vmax, os);
+      p.scales[off] = static_cast<uint8_t>(sf);
     }
   }
 
@@ -243,6 +213,73 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const QuantizeParams
     for (uint32_t i = tid; i < static_cast<uint32_t>(total); i += nthreads) pad(i);
   } else {
     for (int64_t i = tid; i < total; i += nthreads) pad(i);
+  }
+}
+
+// Four elements of x as float (exact), from element `elem` (a multiple of 4).
+template <typename T>
+__device__ __forceinline__ void load4(const void* x, size_t elem, float (&v)[4]) {
+  if constexpr (std::is_same<T, float>::value) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(x) + elem));
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  } else {
+    const uint2 a = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(x) + elem));
+    v[0] = half_bits_to_float<T>(a.x & 0xFFFFu); v[1] = half_bits_to_float<T>(a.x >> 16);
+    v[2] = half_bits_to_float<T>(a.y & 0xFFFFu); v[3] = half_bits_to_float<T>(a.y >> 16);
+  }
+}
+
+// jaxfp4_quantize_decoded: x quantized with g and written as the values it
+// stands for, bf16(e2m1(q) * SF) (exact: at most 5 significant bits, 2^-10 ..
+// 2688), and g * g_b: the W4A16 operands of gemm's decoded W4A4 route, whose
+// inputs are M <= 32 rows. For them the quantize kernel's one lane per block is
+// a long dependent chain on few SMs (~3 us for 16 x 8192), so four lanes take a
+// block, four elements each: the block's max |x| (as bits: with the sign
+// cleared, NaN > Inf > finite, so any NaN wins, as Block16::abs_max) meets
+// over two shuffles, then each lane runs format.h's arithmetic on its four
+// (the quantize kernel's exact path: block_scale, block_output_scale,
+// e2m1_encode of __fmul_rn(x, os)), decodes and stores 8 bytes.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) quantize_decoded_kernel(const QuantizeParams p) {
+  allow_dependent_launch();
+  grid_dependency_wait();
+  // The product the GEMM that follows scales by (an XLA multiply would be a
+  // kernel of its own): float32 g * g_b, as the W4A4 kernel computes it.
+  if (blockIdx.x == 0)
+    for (int64_t i = threadIdx.x; i < p.g_count; i += blockDim.x) p.g_ab[i] = __ldg(p.g + i) * __ldg(p.g_b + i);
+  const uint32_t lanes = 4 * p.blocks, nthreads = gridDim.x * blockDim.x;
+  // Warp-uniform trip count (the shuffles need every lane of the warp).
+  for (uint32_t t0 = blockIdx.x * blockDim.x + (threadIdx.x & ~31u); t0 < lanes; t0 += nthreads) {
+    const uint32_t t = t0 + (threadIdx.x & 31u);
+    const bool live = t < lanes;
+    const uint32_t b = live ? t >> 2 : 0, part = t & 3u;
+    int64_t gi = 0;
+    if (p.g_mode != 1) {
+      const uint32_t e = p.rows_per_batch.div(p.cols.div(b));  // the block's batch entry
+      gi = p.g_mode == 0 ? static_cast<int64_t>(e) : p.map.b_index(e);
+    }
+    const float g = __ldg(p.g + gi);
+    float v[4];
+    load4<T>(p.x, static_cast<size_t>(b) * kBlock + 4 * part, v);
+    uint32_t m = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) m = max(m, float_to_bits(v[i]) & 0x7FFFFFFFu);
+    m = max(m, __shfl_xor_sync(0xFFFFFFFFu, m, 1));
+    m = max(m, __shfl_xor_sync(0xFFFFFFFFu, m, 2));
+    const float gs = 1.0f / g, inv_gs = 1.0f / gs;  // as quantize_kernel
+    const uint32_t sf = block_scale_hw(bits_to_float(m), gs);
+    const float os = block_output_scale_hw(sf, inv_gs), s = e4m3_decode_hw(sf);
+    uint32_t w[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float lo = e2m1_decode(e2m1_encode(__fmul_rn(v[2 * j], os))) * s;
+      const float hi = e2m1_decode(e2m1_encode(__fmul_rn(v[2 * j + 1], os))) * s;
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[j]) : "f"(hi), "f"(lo));
+    }
+    if (live) {
+      *reinterpret_cast<uint2*>(reinterpret_cast<uint16_t*>(p.decoded) + static_cast<size_t>(b) * kBlock + 4 * part) =
+          make_uint2(w[0], w[1]);
+    }
   }
 }
 
