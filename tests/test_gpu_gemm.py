@@ -22,7 +22,7 @@ import pytest
 import jaxfp4
 from jaxfp4 import format as fmt
 from jaxfp4 import packing
-from jaxfp4.primitives.gemm import A4_AS_A16_MIN_M, quantize_a_fits
+from jaxfp4.primitives.gemm import A4_AS_A16_MIN_M, quantize_a_in_gemm
 
 import oracle
 from data import random_matrix
@@ -389,19 +389,22 @@ def test_w4a4_as_w4a16_matches_the_w4a4_kernel(rng, m, n, k):
 @pytest.mark.gpu
 def test_matmul_input_scale(rng):
     """matmul(a, w, input_scale=g) == matmul(quantize(a, g), w) on the GPU: the
-    in-kernel quantization for bf16 a, prepared weights and M <= 8 that fit,
-    the quantize kernel then the W4A4 kernel otherwise."""
-    for n, k, ms in ((1000, 272, (1, 7, 8, 9, 33)), (40, 14336, (1, 2, 3))):
+    in-kernel quantization for bf16 a, prepared weights and small M x K,
+    quantize_decoded + the W4A16 kernel for the rest of M <= 32, the quantize
+    kernel then XLA's GEMM beyond."""
+    for n, k, ms in ((1000, 272, (1, 7, 8, 9, 33)), (40, 4096, (1, 2, 3)), (40, 14336, (1, 2))):
         plain = jaxfp4.quantize(_dev(random_matrix(rng, (n, k), np.float32)))
         wq = jaxfp4.prepare_weights(plain)
         for m in ms:
             a = _dev(random_matrix(rng, (m, k), np.float32).astype(BF16))
             g = jnp.float32(np.abs(np.asarray(a, np.float32)).max() / 2688)
             got = jax.jit(lambda a, w, g: jaxfp4.matmul(a, w, input_scale=g, out_dtype=jnp.float32))(a, wq, g)
-            fused = quantize_a_fits(m, k, jnp.bfloat16, "sm90")
-            assert fused == (m <= 8 and (k == 272 or m <= 2))
+            fused = quantize_a_in_gemm(m, k, jnp.bfloat16, "sm90")
+            assert fused == (m <= 8 and m * k <= 8192)
             kernel = jaxfp4.backend_info()["kernels_run"]["gemm"]
             assert kernel.endswith("_quantize_a") == fused, (m, k, kernel)
+            if not fused and m <= 32:
+                assert kernel.startswith("sm90_gemm_small_m_w4a16"), (m, k, kernel)
             layout = "8x4" if m <= 32 else "128x4"
             aq = jaxfp4.quantize(a, g, sf_layout=layout)
             if m <= 32:  # both sides run this library's kernels: bit for bit

@@ -275,7 +275,7 @@ def test_w4a4_quantize_decoded_route_is_the_w4a4_product(rng, m):
 
 def test_w4a4_quantize_a_routing():
     """Which one-op W4A4 GEMMs (input_scale) the CUDA lowering runs how: the kernel
-    quantizing a itself (M <= 8 rows that fit), quantize_decoded + W4A16 (the other
+    quantizing a itself (M <= 8 rows that fit, M x K <= 8192), quantize_decoded + W4A16 (the other
     M <= 32, prepared weights), else the quantize kernel then the W4A4 GEMM."""
     from jax.core import ShapedArray
     from jaxfp4.primitives import gemm
@@ -288,8 +288,10 @@ def test_w4a4_quantize_a_routing():
 
     params = dict(mode="w4a4_quantize_a", a_sf_layout="8x4", b_sf_layout="128x4", b_packing="sm90",
                   b_shape=(32, 4096), out_dtype=jnp.bfloat16)
-    assert gemm._choose("cuda", avals(8, 4096), params) is None  # in-kernel quantization
-    for m, k in ((8, 8192), (3, 14336), (9, 4096), (16, 4096), (gemm.SMALL_M_MAX, 4096)):  # the rest of M <= 32
+    for m, k in ((1, 4096), (1, 8192), (2, 4096), (8, 1024)):  # in-kernel quantization: M x K <= 8192
+        assert gemm._choose("cuda", avals(m, k), params) is None
+    for m, k in ((1, 14336), (4, 4096), (8, 4096), (8, 8192), (3, 14336), (9, 4096), (16, 4096),
+                 (gemm.SMALL_M_MAX, 4096)):  # the rest of M <= 32
         assert gemm._choose("cuda", avals(m, k), params)[1] is gemm._quantize_decoded_then_gemm
     assert gemm._choose("cuda", avals(gemm.SMALL_M_MAX + 1, 4096), params)[1] is gemm._quantize_then_gemm
     assert gemm._choose("cuda", avals(16, 4096, lead=3), params)[1] is gemm._quantize_then_gemm  # g_a per entry

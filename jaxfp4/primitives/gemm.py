@@ -12,9 +12,9 @@ jaxfp4.packing name), b_shape (the logical (N, K) of b), out_dtype.
 Kernel choice (cuda): the small-M FFI kernel for M <= SMALL_M_MAX tokens;
 beyond that, until a large-M kernel lands, XLA's bf16/f16 GEMM on exactly
 dequantized operands (exact products, float32 accumulation: the same function).
-w4a4_quantize_a runs as one kernel that quantizes a itself where `quantize_a_fits`
-(bf16 a, sm90-packed weights, M <= 8, a's rows in QA_MAX_BYTES of shared
-memory), else as the quantize kernel then the w4a4 GEMM. W4A4 with sm90-packed
+w4a4_quantize_a runs as one kernel that quantizes a itself where
+`quantize_a_in_gemm` (bf16 a, sm90-packed weights, M <= 8, a's rows in
+QA_MAX_BYTES of shared memory, M x K <= QA_ONE_OP_MAX_ELEMS), else as below. W4A4 with sm90-packed
 weights, one global scale per operand and A4_AS_A16_MIN_M..SMALL_M_MAX rows runs
 as a decoded once, exactly, to bf16 (e2m1 x SF, no global scale) and the W4A16
 kernel with g_a * g_b as the weights' global scale: the same products and
@@ -57,6 +57,20 @@ _N_A = {"w4a4": 3, "w4a16": 1, "w4a4_quantize_a": 2}  # operands of the activati
 
 def _split(args, mode):
     return args[:_N_A[mode]], args[_N_A[mode]:]
+
+
+# The one-op W4A4 (input_scale, no prologue) quantizes in the GEMM kernel only
+# up to this many elements M x K: that prologue runs on every CTA, so its cost
+# grows with M x K (H100 protocol: +0.5 us over W4A16 at 1 x 4096, +3.1 at
+# 1 x 14336, +3.3 at 8 x 4096), while quantize_decoded + the W4A16 kernel costs
+# ~1.5-2 us at any M <= 32 (benchmarks/kernel/NOTES.md, session 13).
+QA_ONE_OP_MAX_ELEMS = 8192
+
+
+def quantize_a_in_gemm(m: int, k: int, a_dtype, b_packing) -> bool:
+    """Whether the one-op W4A4 of [M, K] activations runs as the GEMM kernel that
+    quantizes them itself (else quantize_decoded + W4A16, or quantize + W4A4)."""
+    return quantize_a_fits(m, k, a_dtype, b_packing) and m * k <= QA_ONE_OP_MAX_ELEMS
 
 
 def quantize_a_fits(m: int, k: int, a_dtype, b_packing) -> bool:
@@ -140,7 +154,7 @@ def a4_as_a16_fits(m: int, b_packing) -> bool:
 
 def quantize_decoded_fits(m: int, b_packing) -> bool:
     """Whether CUDA runs a W4A4 product of m float rows it quantizes itself, where
-    the GEMM kernel does not (quantize_a_fits), as quantize_decoded + the W4A16
+    the GEMM kernel does not (quantize_a_in_gemm), as quantize_decoded + the W4A16
     kernel: at any M the decode rides in the quantize launch, and the W4A16
     kernel is the faster of the two (the W4A4 kernel decodes activation codes again
     for every weight tile)."""
@@ -179,7 +193,7 @@ def _unpack_then_gemm(*args, **params):
 def _choose(platform, avals_in, params):
     if params["mode"] == "w4a4_quantize_a":
         m, k = avals_in[0].shape[-2:]
-        if platform == "cuda" and quantize_a_fits(m, k, avals_in[0].dtype, params["b_packing"]):
+        if platform == "cuda" and quantize_a_in_gemm(m, k, avals_in[0].dtype, params["b_packing"]):
             return None
         if platform == "cuda" and _a4_as_a16_applies(avals_in, params):
             return "quantize (decoded) + w4a16 (W4A4)", _quantize_decoded_then_gemm
