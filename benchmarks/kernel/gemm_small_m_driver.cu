@@ -720,6 +720,17 @@ static Launch w4a16_launch(const void* a, const float* g, void* out, bool packed
   return L;
 }
 
+// Milliseconds of one launch of L between two events (after what the stream holds).
+static float launch_ms(Launch& L, int M, int N, int K, cudaEvent_t e0, cudaEvent_t e1) {
+  CK(cudaEventRecord(e0));
+  if (finish(L, M, N, K, 0).failure()) exit(1);
+  CK(cudaEventRecord(e1));
+  CK(cudaEventSynchronize(e1));
+  float ms;
+  CK(cudaEventElapsedTime(&ms, e0, e1));
+  return ms;
+}
+
 // ---- L2 prefetch experiment (decode: weights prefetched into L2 during the
 // small kernels between GEMMs, when DRAM is idle) ----
 // Block b prefetches the first `frac` of the byte range that the GEMM's CTA b
@@ -778,12 +789,7 @@ static void prefetch_exp() {
           spin_kernel<<<132, 32>>>(static_cast<int64_t>(spin_us) * clk_khz / 1000);
           L.p.b = W[c];
           L.p.b_sf = S[c];
-          CK(cudaEventRecord(e0));
-          if (finish(L, M, N, K, 0).failure()) exit(1);
-          CK(cudaEventRecord(e1));
-          CK(cudaEventSynchronize(e1));
-          float ms;
-          CK(cudaEventElapsedTime(&ms, e0, e1));
+          const float ms = launch_ms(L, M, N, K, e0, e1);
           if (i >= copies) total += ms;
         }
         printf("%5dx%-6d %4d %5d%% %9.2f\n", N, K, M, f, 1000 * total / (iters - copies));
@@ -844,12 +850,7 @@ static void trace_exp() {
         std::vector<unsigned long long> z(1024 * kTraceSlots, 0);
         CK(cudaMemcpyToSymbol(jaxfp4_trace, z.data(), z.size() * 8));
         CK(cudaDeviceSynchronize());
-        CK(cudaEventRecord(e0));
-        if (finish(L, M, N, K, 0).failure()) exit(1);
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
+        const float ms = launch_ms(L, M, N, K, e0, e1);
         CK(cudaMemcpyFromSymbol(z.data(), jaxfp4_trace, z.size() * 8));
         if (r < 2) continue;  // warm-up
         ev.push_back(ms * 1000);

@@ -39,17 +39,24 @@ void quantize_entry(const void* x, ffi::DataType xt, int64_t x_off, int64_t M, i
   }
 }
 
-// Shared checks of quantize / quantize_dynamic: x [*L, M, K] float, K % 16 == 0,
-// data U8 [*L, M, K/2], scales [*L, Rp, Cp].
-ffi::Error check_quantize_args(const ffi::AnyBuffer& x, const ffi::AnyBuffer& data, const ffi::AnyBuffer& scales,
-                               SfLayout layout) {
+// Every quantize handler's input: x [*L, M, K] float, K % 16 == 0.
+ffi::Error check_x(const ffi::AnyBuffer& x) {
   if (auto e = check_rank(x, "x", 2); e.failure()) return e;
   if (!is_float_dtype(x.element_type())) return ffi::Error::InvalidArgument("x must be float32, bfloat16 or float16");
+  const int64_t K = x.dimensions().back();
+  if (K % kBlock != 0)
+    return ffi::Error::InvalidArgument("the last axis of x (K = " + std::to_string(K) + ") must be a multiple of 16");
+  return ffi::Error::Success();
+}
+
+// Shared checks of quantize / quantize_dynamic: x (check_x), data U8
+// [*L, M, K/2], scales [*L, Rp, Cp].
+ffi::Error check_quantize_args(const ffi::AnyBuffer& x, const ffi::AnyBuffer& data, const ffi::AnyBuffer& scales,
+                               SfLayout layout) {
+  if (auto e = check_x(x); e.failure()) return e;
   const Dims d = x.dimensions();
   const int nl = static_cast<int>(d.size()) - 2;
   const int64_t M = d[nl], K = d[nl + 1];
-  if (K % kBlock != 0)
-    return ffi::Error::InvalidArgument("the last axis of x (K = " + std::to_string(K) + ") must be a multiple of 16");
   if (auto e = check_buffer(data, "data", ffi::DataType::U8, d.begin(), nl, M, K / 2); e.failure()) return e;
   return check_scales(scales, "scales", layout, d.begin(), nl, M, K / kBlock);
 }
@@ -119,13 +126,10 @@ ffi::Error quantize_dynamic_impl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> d
 ffi::Error quantize_decoded_impl(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer g_b,
                                  ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> g_ab) {
   record_kernel("quantize", "cpu");
-  if (auto e = check_rank(x, "x", 2); e.failure()) return e;
-  if (!is_float_dtype(x.element_type())) return ffi::Error::InvalidArgument("x must be float32, bfloat16 or float16");
+  if (auto e = check_x(x); e.failure()) return e;
   const Dims d = x.dimensions();
   const int nl = static_cast<int>(d.size()) - 2;
   const int64_t M = d[nl], K = d[nl + 1];
-  if (K % kBlock != 0)
-    return ffi::Error::InvalidArgument("the last axis of x (K = " + std::to_string(K) + ") must be a multiple of 16");
   if (auto e = check_buffer(*out, "out", ffi::DataType::BF16, d.begin(), nl, M, K); e.failure()) return e;
   BatchMap gmap;
   if (auto e = check_global_scale(g, "g", d.begin(), nl, &gmap); e.failure()) return e;
