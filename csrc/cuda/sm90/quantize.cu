@@ -159,7 +159,7 @@ ffi::Error prepare(const char* who, ffi::AnyBuffer x, const int64_t* g_dims, int
   p->x = x.untyped_data();
   p->data = data != nullptr ? static_cast<uint2*>(data->untyped_data()) : nullptr;
   p->scales = scales != nullptr ? static_cast<uint8_t*>(scales->untyped_data()) : nullptr;
-  p->decoded = decoded != nullptr ? static_cast<uint4*>(decoded->untyped_data()) : nullptr;
+  p->decoded = decoded != nullptr ? static_cast<uint16_t*>(decoded->untyped_data()) : nullptr;
   p->blocks = static_cast<uint32_t>(rows * C);
   p->cols = FastDiv(static_cast<uint32_t>(C > 0 ? C : 1));
   p->rows_per_batch = FastDiv(static_cast<uint32_t>(M > 0 ? M : 1));
@@ -328,15 +328,14 @@ ffi::Error QuantizeDecodedImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBu
   if (g.element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("jaxfp4_quantize_decoded: g must be F32");
   }
-  const auto gbd = g_b.dimensions(), gad = g_ab->dimensions(), g_dims = g.dimensions();
+  const auto gbd = g_b.dimensions(), gad = g_ab->dimensions(), gd = g.dimensions();
   bool same = g_b.element_type() == ffi::DataType::F32 && g_ab->element_type() == ffi::DataType::F32 &&
-              gbd.size() == g_dims.size() && gad.size() == g_dims.size();
-  for (size_t i = 0; same && i < g_dims.size(); ++i) same = gbd[i] == g_dims[i] && gad[i] == g_dims[i];
+              gbd.size() == gd.size() && gad.size() == gd.size();
+  for (size_t i = 0; same && i < gd.size(); ++i) same = gbd[i] == gd[i] && gad[i] == gd[i];
   if (!same) {
     return ffi::Error::InvalidArgument("jaxfp4_quantize_decoded: g_b and the result g * g_b must be F32 of g's shape " +
-                                       dims_str(g_dims));
+                                       dims_str(gd));
   }
-  const auto gd = g.dimensions();
   QuantizeParams p{};
   InputType type;
   if (auto err = prepare("jaxfp4_quantize_decoded", x, gd.begin(), static_cast<int64_t>(gd.size()), nullptr, nullptr,
@@ -366,7 +365,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4QuantizeDecodedCuda, jaxfp4::QuantizeDecoded
                                   .Arg<ffi::AnyBuffer>()  // g_b, g's shape, F32
                                   .Ret<ffi::AnyBuffer>()  // BF16 [*L, M, K]: e2m1(q) * SF
                                   .Ret<ffi::AnyBuffer>(),  // g * g_b
-
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4QuantizeCuda, jaxfp4::QuantizeImpl,

@@ -51,7 +51,7 @@ struct QuantizeParams {
   const float* g;         // [*Lg] decode scales
   uint2* data;            // [*L, M, K/2] viewed as 8-byte words (one per scale block)
   uint8_t* scales;        // [*L, Rp, Cp] (or [*L, M, C] linear)
-  uint4* decoded;         // jaxfp4_quantize_decoded: [*L, M, K] bf16, two 16-byte words per block
+  uint16_t* decoded;      // jaxfp4_quantize_decoded: [*L, M, K] bf16 bits
   const float* g_b;       // jaxfp4_quantize_decoded: the other operand's g, g's shape
   float* g_ab;            // jaxfp4_quantize_decoded: g * g_b (float32), g's shape
   int64_t g_count;        // elements of g
@@ -277,8 +277,7 @@ __global__ void __launch_bounds__(kThreads) quantize_decoded_kernel(const Quanti
       asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[j]) : "f"(hi), "f"(lo));
     }
     if (live) {
-      *reinterpret_cast<uint2*>(reinterpret_cast<uint16_t*>(p.decoded) + static_cast<size_t>(b) * kBlock + 4 * part) =
-          make_uint2(w[0], w[1]);
+      *reinterpret_cast<uint2*>(p.decoded + static_cast<size_t>(b) * kBlock + 4 * part) = make_uint2(w[0], w[1]);
     }
   }
 }
