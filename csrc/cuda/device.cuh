@@ -78,11 +78,12 @@ inline bool pdl_enabled() {
 }
 
 // Launches kernel<<<grid, block, smem, stream>>>(args...) as a programmatic
-// dependent launch where pdl_enabled(), an ordinary one otherwise. Only for
-// kernels that call grid_dependency_wait() before touching inputs or outputs.
+// dependent launch where pdl_enabled() and `programmatic`, an ordinary one
+// otherwise. Only for kernels that call grid_dependency_wait() before touching
+// inputs or outputs.
 template <typename... Params, typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                             Args&&... args) {
+cudaError_t launch_dependent_if(bool programmatic, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                cudaStream_t stream, Args&&... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
@@ -92,8 +93,14 @@ cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, s
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cfg.numAttrs = programmatic && pdl_enabled() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                             Args&&... args) {
+  return launch_dependent_if(true, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace jaxfp4

@@ -64,6 +64,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "jaxfp4/batch.h"
 #include "jaxfp4/ffi_checks.h"
@@ -288,6 +289,10 @@ struct Launch {
   bool a4 = false;
   bool packed = false;
   bool qa = false;    // W4A4 with bf16 activations quantized in the kernel (packed, M <= 8)
+  // A programmatic dependent launch (device.cuh). Off for a chain's first link:
+  // its dependents copy weights early, which must not overlap whatever ran
+  // before the call (jaxfp4_gemm_chain).
+  bool programmatic = true;
 };
 
 template <typename T, int NT, bool PACKED, bool A4>
@@ -373,7 +378,9 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(mtiles), static_cast<unsigned>(L.batch));
   // Programmatic dependent launch: the kernel's launch and set-up overlap the
   // previous kernel's tail (gemm_small_m_packed.cuh).
-  if (cudaError_t e = launch_dependent(kernel, grid, dim3(threads), smem, stream, p); e != cudaSuccess) return e;
+  if (cudaError_t e = launch_dependent_if(L.programmatic, kernel, grid, dim3(threads), smem, stream, p);
+      e != cudaSuccess)
+    return e;
   if constexpr (ACT == kActQuantize) {
     *name = "sm90_gemm_small_m_w4a4_n8_packed_quantize_a";
   } else if constexpr (ACT == kActFused) {
@@ -679,6 +686,62 @@ ffi::Error GemmW4A4QuantizeAImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Any
   return finish(L, M, N, K, stream);
 }
 
+// Validates one fused GEMM and fills L (and M, N, K); launches nothing. The
+// optional operands are null where unused (norm_w without prologue 1, a_g for
+// W4A16, residual when there is none).
+ffi::Error prepare_fused(const ffi::AnyBuffer& a, const ffi::AnyBuffer* norm_w, const ffi::AnyBuffer* a_g,
+                         const ffi::AnyBuffer& b_data, const ffi::AnyBuffer& b_scales, const ffi::AnyBuffer& b_g,
+                         const ffi::AnyBuffer* residual, const ffi::AnyBuffer& out, int32_t prologue, float eps,
+                         int32_t b_sf_layout, int32_t b_packing, Launch* L, int64_t* M, int64_t* N, int64_t* K) {
+  const Dims ad = a.dimensions();
+  if (ad.size() != 2) return bad("a must have rank 2 ([M, K]; [M, 2K] for swiglu) in the fused GEMM");
+  if (a.element_type() != ffi::DataType::BF16) return bad("a must be BF16 in the fused GEMM");
+  if (prologue < kPrologueNone || prologue > kPrologueSwiGlu) return bad("prologue must be 0, 1 or 2");
+  *M = ad[0];
+  if (prologue == kPrologueSwiGlu && ad[1] % 2 != 0) return bad("swiglu needs a [M, 2K] (an even last dim)");
+  *K = prologue == kPrologueSwiGlu ? ad[1] / 2 : ad[1];
+  if (*K % 16 != 0) return bad("K must be a multiple of 16");
+  const bool w4a4 = a_g != nullptr;
+  if (w4a4 && (a_g->element_type() != ffi::DataType::F32 || a_g->dimensions().size() != 0))
+    return bad("a_g must be an F32 scalar (W4A4) or empty (W4A16)");
+  if (prologue != kPrologueNone || w4a4) {
+    if (b_packing != 1) return bad("a fused prologue or W4A4 needs sm90-packed weights (b_packing 1)");
+    if (*M > 8 || std::min<int64_t>(*M, 8) * qa_row_bytes(*K) > kQaMaxBytes)
+      return bad("a fused prologue or W4A4 needs M <= 8 and M * (2 * (K rounded up to 64) + 16) <= " +
+                 std::to_string(kQaMaxBytes) + " bytes of shared memory");
+  }
+  if (reinterpret_cast<uintptr_t>(a.untyped_data()) % 16 != 0) return bad("a is misaligned");
+  const int64_t kd[2] = {*M, *K};
+  if (auto e = check_b_and_out(Dims(kd, 2), 0, *M, *K, b_data, b_scales, b_g, b_sf_layout, b_packing, out, L, N);
+      e.failure())
+    return e;
+  if (prologue == kPrologueRmsNorm) {
+    if (norm_w == nullptr) return bad("rms_norm needs norm_w");
+    const Dims wd = norm_w->dimensions();
+    if (norm_w->element_type() != ffi::DataType::BF16 || wd.size() != 1 || wd[0] != *K)
+      return bad("norm_w must be BF16 [K] for rms_norm, got " + dims_str(wd));
+    if (reinterpret_cast<uintptr_t>(norm_w->untyped_data()) % 16 != 0) return bad("norm_w is misaligned");
+    L->p.norm_w = static_cast<const __nv_bfloat16*>(norm_w->untyped_data());
+  } else if (norm_w != nullptr) {
+    return bad("norm_w must be empty without the rms_norm prologue");
+  }
+  if (residual != nullptr) {
+    if (auto e = expect(*residual, "residual", ffi::DataType::BF16, nullptr, 0, *M, *N); e.failure()) return e;
+    if (out.element_type() != ffi::DataType::BF16) return bad("out must be BF16 with a residual");
+    L->p.residual = static_cast<const __nv_bfloat16*>(residual->untyped_data());
+  }
+  L->f16 = false;
+  L->a4 = false;
+  L->qa = w4a4 && prologue == kPrologueNone;
+  L->p.prologue = prologue;
+  L->p.eps = eps;
+  set_act(a, *M, *K, w4a4 ? static_cast<const float*>(a_g->untyped_data()) : nullptr, L);
+  return ffi::Error::Success();
+}
+
+// An empty operand stands for "unused".
+const ffi::AnyBuffer* given(const ffi::AnyBuffer& x) { return x.element_count() != 0 ? &x : nullptr; }
+
 // The GEMM with a decoder's neighbours fused in (one batch entry, bf16 a):
 // out [M, N] = residual + prologue(a) @ b^T, each step rounded as the unfused
 // ops round it. prologue 0: a [M, K] as it is; 1: RMSNorm(a) with norm_w [K]
@@ -696,50 +759,81 @@ ffi::Error GemmFusedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer n
                          ffi::Result<ffi::AnyBuffer> out, int32_t prologue, float eps, int32_t b_sf_layout,
                          int32_t b_packing) {
   Launch L;
-  const Dims ad = a.dimensions();
-  if (ad.size() != 2) return bad("a must have rank 2 ([M, K]; [M, 2K] for swiglu) in the fused GEMM");
-  if (a.element_type() != ffi::DataType::BF16) return bad("a must be BF16 in the fused GEMM");
-  if (prologue < kPrologueNone || prologue > kPrologueSwiGlu) return bad("prologue must be 0, 1 or 2");
-  const int64_t M = ad[0];
-  if (prologue == kPrologueSwiGlu && ad[1] % 2 != 0) return bad("swiglu needs a [M, 2K] (an even last dim)");
-  const int64_t K = prologue == kPrologueSwiGlu ? ad[1] / 2 : ad[1];
-  if (K % 16 != 0) return bad("K must be a multiple of 16");
-  const bool w4a4 = a_g.element_count() != 0;
-  if (w4a4 && (a_g.element_type() != ffi::DataType::F32 || a_g.dimensions().size() != 0))
-    return bad("a_g must be an F32 scalar (W4A4) or empty (W4A16)");
-  if (prologue != kPrologueNone || w4a4) {
-    if (b_packing != 1) return bad("a fused prologue or W4A4 needs sm90-packed weights (b_packing 1)");
-    if (M > 8 || std::min<int64_t>(M, 8) * qa_row_bytes(K) > kQaMaxBytes)
-      return bad("a fused prologue or W4A4 needs M <= 8 and M * (2 * (K rounded up to 64) + 16) <= " +
-                 std::to_string(kQaMaxBytes) + " bytes of shared memory");
-  }
-  if (reinterpret_cast<uintptr_t>(a.untyped_data()) % 16 != 0) return bad("a is misaligned");
-  const int64_t kd[2] = {M, K};
-  int64_t N = 0;
-  if (auto e = check_b_and_out(Dims(kd, 2), 0, M, K, b_data, b_scales, b_g, b_sf_layout, b_packing, *out, &L, &N);
+  int64_t M = 0, N = 0, K = 0;
+  if (auto e = prepare_fused(a, given(norm_w), given(a_g), b_data, b_scales, b_g, given(residual), *out, prologue,
+                             eps, b_sf_layout, b_packing, &L, &M, &N, &K);
       e.failure())
     return e;
-  if (prologue == kPrologueRmsNorm) {
-    const Dims wd = norm_w.dimensions();
-    if (norm_w.element_type() != ffi::DataType::BF16 || wd.size() != 1 || wd[0] != K)
-      return bad("norm_w must be BF16 [K] for rms_norm, got " + dims_str(wd));
-    if (reinterpret_cast<uintptr_t>(norm_w.untyped_data()) % 16 != 0) return bad("norm_w is misaligned");
-    L.p.norm_w = static_cast<const __nv_bfloat16*>(norm_w.untyped_data());
-  } else if (norm_w.element_count() != 0) {
-    return bad("norm_w must be empty without the rms_norm prologue");
-  }
-  if (residual.element_count() != 0) {
-    if (auto e = expect(residual, "residual", ffi::DataType::BF16, nullptr, 0, M, N); e.failure()) return e;
-    if (out->element_type() != ffi::DataType::BF16) return bad("out must be BF16 with a residual");
-    L.p.residual = static_cast<const __nv_bfloat16*>(residual.untyped_data());
-  }
-  L.f16 = false;
-  L.a4 = false;
-  L.qa = w4a4 && prologue == kPrologueNone;
-  L.p.prologue = prologue;
-  L.p.eps = eps;
-  set_act(a, M, K, w4a4 ? static_cast<const float*>(a_g.untyped_data()) : nullptr, &L);
   return finish(L, M, N, K, stream);
+}
+
+// A chain of fused GEMMs (jaxfp4.matmul_chain) as one call: link i is
+// jaxfp4_gemm_fused on a_i, with a_0 the call's first operand and a_i (i > 0)
+// link i-1's result, and residual_i an operand, nothing, or an earlier link's
+// result (res_from[i] = j >= 0). Operands: a_0, then per link norm_w, a_g,
+// b_data, b_scales, b_g, residual (empty where unused, and where res_from names
+// a result); results: each link's out. Every link is validated before any
+// launches; each is bit for bit its own jaxfp4_gemm_fused call.
+// Why one call: XLA records each custom call as a graph node of its own, and
+// only launches made inside one call keep their programmatic dependent launch
+// (benchmarks/kernel/NOTES.md, session 12). A later link's weights are this
+// call's operands, which no kernel of the call writes, so its producer copies
+// them before griddepcontrol.wait (weights_ready): its ring fills while the
+// link before it finishes, hiding its start-up (session 14).
+ffi::Error GemmChainImpl(cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                         ffi::Span<const int32_t> prologue, ffi::Span<const float> eps,
+                         ffi::Span<const int32_t> b_sf_layout, ffi::Span<const int32_t> b_packing,
+                         ffi::Span<const int32_t> res_from) {
+  constexpr size_t kPerLink = 6, kMaxLinks = 8;
+  const size_t n = rets.size();
+  if (n == 0 || n > kMaxLinks) return bad("a chain has 1 to " + std::to_string(kMaxLinks) + " links");
+  if (args.size() != 1 + kPerLink * n) return bad("a chain of n links takes 1 + 6 n operands");
+  if (prologue.size() != n || eps.size() != n || b_sf_layout.size() != n || b_packing.size() != n ||
+      res_from.size() != n)
+    return bad("a chain's attributes need one entry per link");
+  Launch L[kMaxLinks];
+  int64_t M[kMaxLinks], N[kMaxLinks], K[kMaxLinks];
+  std::vector<ffi::AnyBuffer> outs;
+  for (size_t i = 0; i < n; ++i) {
+    auto r = rets.get<ffi::AnyBuffer>(i);
+    if (!r.has_value()) return bad("result " + std::to_string(i) + " is not a buffer");
+    outs.push_back(**r);
+  }
+  auto arg = [&](size_t i) { return args.get<ffi::AnyBuffer>(i); };
+  for (size_t i = 0; i < n; ++i) {
+    const std::string link = "jaxfp4 gemm chain (cuda), link " + std::to_string(i) + ": ";
+    ffi::AnyBuffer ops[kPerLink] = {outs[0], outs[0], outs[0], outs[0], outs[0], outs[0]};  // placeholders
+    for (size_t j = 0; j < kPerLink; ++j) {
+      auto v = arg(1 + kPerLink * i + j);
+      if (!v.has_value()) return bad(link + "operand " + std::to_string(j) + " is not a buffer");
+      ops[j] = *v;
+    }
+    const ffi::AnyBuffer* residual = given(ops[5]);
+    if (res_from[i] >= 0) {
+      if (static_cast<size_t>(res_from[i]) >= i) return bad(link + "res_from must name an earlier link");
+      if (residual != nullptr) return bad(link + "a residual operand and res_from both given");
+      residual = &outs[res_from[i]];
+    }
+    ffi::AnyBuffer a = outs[0];
+    if (i == 0) {
+      auto a0 = arg(0);
+      if (!a0.has_value()) return bad("a is not a buffer");
+      a = *a0;
+    } else {
+      a = outs[i - 1];
+    }
+    if (auto e = prepare_fused(a, given(ops[0]), given(ops[1]), ops[2], ops[3], ops[4], residual, outs[i],
+                               prologue[i], eps[i], b_sf_layout[i], b_packing[i], &L[i], &M[i], &N[i], &K[i]);
+        e.failure()) {
+      const std::string what = e.message(), prefix = "jaxfp4 gemm (cuda): ";  // bad()'s
+      return ffi::Error::InvalidArgument(link + (what.rfind(prefix, 0) == 0 ? what.substr(prefix.size()) : what));
+    }
+    L[i].p.weights_ready = i > 0 ? 1 : 0;
+    L[i].programmatic = i > 0;
+  }
+  for (size_t i = 0; i < n; ++i)
+    if (auto e = finish(L[i], M[i], N[i], K[i], stream); e.failure()) return e;
+  return ffi::Error::Success();
 }
 
 }  // namespace sm90_gemm
@@ -760,6 +854,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmFusedCuda, jaxfp4::sm90_gemm::GemmFusedI
                                   .Attr<float>("eps")
                                   .Attr<int32_t>("b_sf_layout")
                                   .Attr<int32_t>("b_packing"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmChainCuda, jaxfp4::sm90_gemm::GemmChainImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .RemainingArgs()  // a_0, then per link norm_w, a_g, b_data, b_scales, b_g, residual
+                                  .RemainingRets()  // per link out [M, N_i]
+                                  .Attr<ffi::Span<const int32_t>>("prologue")
+                                  .Attr<ffi::Span<const float>>("eps")
+                                  .Attr<ffi::Span<const int32_t>>("b_sf_layout")
+                                  .Attr<ffi::Span<const int32_t>>("b_packing")
+                                  .Attr<ffi::Span<const int32_t>>("res_from"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmW4A4QuantizeACuda, jaxfp4::sm90_gemm::GemmW4A4QuantizeAImpl,

@@ -51,6 +51,10 @@ struct Params {
   const __nv_bfloat16* norm_w = nullptr;    // prologue kPrologueRmsNorm: the RMSNorm weight [K]
   float eps = 0.0f;                         // its epsilon
   int32_t prologue = 0;                     // gemm_fused_prologue.cuh: what the fused kernel stages
+  // 1: no kernel launched before this one in its call writes the weights (a
+  // later link of jaxfp4_gemm_chain), so the packed kernel's producer copies
+  // them before griddepcontrol.wait. 0 (any other launch): after it.
+  int32_t weights_ready = 0;
 };
 
 // ---- device helpers -----------------------------------------------------------

@@ -264,12 +264,14 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     };
     const int nitems = ngroups * items;
     // No copy before the previous kernel has finished (programmatic dependent
-    // launch): the weights might be its output. Nor an L2 prefetch of the first
-    // ring-full here: it goes through the same copy engine, ahead of the copies,
-    // and where the launch does not overlap (always under XLA's command buffers)
-    // it delayed the first item by ~1 us and cost 0.5-2 us a GEMM
-    // (benchmarks/kernel/NOTES.md, session 13).
-    grid_dependency_wait();
+    // launch) where the weights might be its output; a later link of a chain
+    // knows they are not (weights_ready) and fills its ring while the link
+    // before it finishes. No L2 prefetch of the first ring-full instead: it goes
+    // through the same copy engine, ahead of the copies, and where the launch
+    // does not overlap (always under XLA's command buffers) it delayed the first
+    // item by ~1 us and cost 0.5-2 us a GEMM (benchmarks/kernel/NOTES.md,
+    // sessions 13 and 14).
+    if (!p.weights_ready) grid_dependency_wait();
     int qi = 0;
     uint32_t ph = 1;  // parity to wait for on `empty`: a fresh barrier's previous phase counts as complete
     for (int n = 0; n < nitems; ++n) {
