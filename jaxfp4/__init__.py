@@ -7,6 +7,7 @@ imported on first access, so those stay optional dependencies.
 import importlib
 
 from jaxfp4._ffi import backend_info
+from jaxfp4.chain import Link, matmul_chain
 from jaxfp4.dot_general import dot_general
 from jaxfp4.fused import RMSNorm, SwiGLU
 from jaxfp4.ops import (
@@ -23,6 +24,7 @@ from jaxfp4.tensor import NVFP4Tensor
 __version__ = "0.1.0"
 
 __all__ = [
+    "Link",
     "NVFP4Tensor",
     "RMSNorm",
     "SwiGLU",
@@ -31,6 +33,7 @@ __all__ = [
     "dot_general",
     "from_float4",
     "matmul",
+    "matmul_chain",
     "prepare_weights",
     "quantize",
     "to_scaled_matmul_operands",

@@ -16,7 +16,7 @@ inference (the jaxfp4 primitives have no gradients). Requires flax.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -27,6 +27,7 @@ from jaxfp4 import format as fmt
 from jaxfp4 import ops
 from jaxfp4._checks import check_float_dtype, check_k, decode_scalar, is_float
 from jaxfp4.dot_general import NVFP4DotGeneral, check_mode
+from jaxfp4.chain import Link
 from jaxfp4.fused import PROLOGUES, Prologue, add_residual
 from jaxfp4.packing import packed_shapes
 from jaxfp4.primitives.gemm import PACKING_IDS
@@ -120,6 +121,11 @@ def quantize_params(params: Any, *, mode: str = "w4a16", packing: str | None = N
         return {key: walk(value, (*path, str(key))) for key, value in node.items()}
 
     return walk(params, ())
+
+
+class _LinkRequest(NamedTuple):
+    """What Dense.link passes to __call__: a link of this input width, not an application."""
+    in_features: int
 
 
 class Dense(nn.Module):
@@ -256,6 +262,8 @@ class Dense(nn.Module):
         separate ops.
         """
         dt, out_dt = self._check_config()
+        if isinstance(x, _LinkRequest):  # from .link()
+            return self._link(x.in_features, prologue, residual)
         x = self._check_x(x)
         where = self._where()
         if prologue is not None and not isinstance(prologue, PROLOGUES):
@@ -286,6 +294,33 @@ class Dense(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), dt).astype(out_dt)
         return y if residual is None else add_residual(y, residual)
+
+    def link(self, in_features: int, *, prologue: Prologue | None = None,
+             residual: jax.Array | int | None = None) -> Link:
+        """This layer as one link of a `jaxfp4.matmul_chain` (its params, created
+        here on `.init`): `residual + self(prologue(x))` for x of width
+        `in_features` (the layer's K; 2K into a SwiGLU prologue is its input,
+        not K). residual: an array, or an int j, the chain's link j's output.
+        The chain's out_dtype applies. Needs a layer without bias, W4A16 or W4A4
+        with static_input_scale (what one fused op can run)."""
+        # Through __call__, the module's one compact method (params are made there).
+        return self(_LinkRequest(in_features), prologue=prologue, residual=residual)
+
+    def _link(self, k: int, prologue: Prologue | None, residual: Any) -> Link:
+        where = self._where()
+        if self.use_bias:
+            raise ValueError(f"{where}: a chain link has no bias (use_bias=False)")
+        if self.mode == "w4a4" and not self.static_input_scale:
+            raise ValueError(f"{where}: a w4a4 chain link needs static_input_scale=True (the chain cannot "
+                             "compute a dynamic global scale between its links)")
+        if prologue is not None and not isinstance(prologue, PROLOGUES):
+            raise TypeError(f"{where}: prologue must be jaxfp4.RMSNorm, jaxfp4.SwiGLU or None, "
+                            f"got {type(prologue).__name__}")
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"{where}: in_features must be a positive int, got {k!r}")
+        check_k(k, where, "in_features, K={k},")
+        scale = self._input_scale() if self.mode == "w4a4" else None
+        return Link(self._weight(int(k)), prologue=prologue, residual=residual, input_scale=scale)
 
     def _input_scale(self) -> jax.Array:
         """The static activation decode scale g_a (w4a4 with static_input_scale)."""

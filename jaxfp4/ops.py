@@ -3,7 +3,7 @@ rule), then the primitives. One obvious function per operation."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -193,6 +193,37 @@ def _matmul_fused(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: A
     float a with weights shared by every batch entry (W4A16, or W4A4 from one
     input_scale) is the fused primitive; anything else the same steps as
     separate ops."""
+    f = fused_operands(a, b, prologue, residual, **kw)
+    if f is None:
+        y = matmul(prologue(a) if prologue is not None else a, b, **kw)
+        return y if residual is None else add_residual(y, residual)
+    a2 = jnp.broadcast_to(a, (*f.lead, f.m, f.k_in)).reshape(f.rows, f.k_in)
+    res = residual.reshape(f.rows, f.n) if residual is not None else jnp.zeros((0,), f.params["out_dtype"])
+    (out,) = fused_gemm_p.bind(a2, *f.operands, res, **f.params)
+    return out.reshape(*f.lead, f.m, f.n)
+
+
+class FusedCall(NamedTuple):
+    """What fused_gemm_p needs for one matmul besides a and the residual."""
+    operands: tuple[jax.Array, ...]  # norm_weight, a_g, b_data, b_scales, b_g
+    params: dict[str, Any]
+    lead: tuple[int, ...]
+    m: int
+    n: int
+    k_in: int
+
+    @property
+    def rows(self) -> int:
+        return int(np.prod(self.lead, dtype=np.int64)) * self.m
+
+
+def fused_operands(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: Any, *, input_scale: Any,
+                   input_sf_layout: str | None, out_dtype: Any) -> FusedCall | None:
+    """Checks matmul's arguments with a prologue and/or a residual (naming the
+    rule); a and residual may be anything with a shape and dtype (e.g. a
+    jax.ShapeDtypeStruct). Returns fused_gemm_p's operands and params where the
+    fused primitive applies (float a, weights shared by every batch entry, one
+    input_scale at most), else None (separate ops)."""
     n, k = b.shape[-2:]
     if prologue is not None:
         if not isinstance(prologue, PROLOGUES):
@@ -220,32 +251,29 @@ def _matmul_fused(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: A
         lead = tuple(np.broadcast_shapes(tuple(a_lead), tuple(b.batch_shape)))
     except ValueError:
         raise ValueError(f"the leading batch axes of a {tuple(a_lead)} and b {b.batch_shape} do not broadcast") from None
-    out_dt = kw["out_dtype"]
+    out_dt = out_dtype
     if residual is not None:
-        residual = jnp.asarray(residual)
+        if not hasattr(residual, "shape"):
+            residual = jnp.asarray(residual)
         if residual.dtype != out_dt:
             raise TypeError(f"residual must have out_dtype {np.dtype(out_dt).name}, got {residual.dtype}")
         if tuple(residual.shape) != (*lead, m, n):
             raise ValueError(f"residual must have the output's shape {(*lead, m, n)}, got {tuple(residual.shape)}")
-    g_a = kw["input_scale"]
+    g_a = input_scale
     if (isinstance(a, NVFP4Tensor) or any(d != 1 for d in b.batch_shape)
             or (g_a is not None and np.ndim(g_a) != 0)):
-        y = matmul(prologue(a) if prologue is not None else a, b, **kw)
-        return y if residual is None else add_residual(y, residual)
+        return None
     rows = int(np.prod(lead, dtype=np.int64)) * m
-    a2 = jnp.broadcast_to(a, (*lead, m, k_in)).reshape(rows, k_in)
     kind = "none" if prologue is None else prologue.kind
     norm_w = jnp.asarray(prologue.weight) if kind == "rms_norm" else jnp.zeros((0,), a.dtype)
-    res = residual.reshape(rows, n) if residual is not None else jnp.zeros((0,), out_dt)
     a_g = _global_scale(g_a, (), "input_scale") if g_a is not None else jnp.zeros((0,), jnp.float32)
     nb = len(b.batch_shape)
     data, scales = (x.reshape(x.shape[nb:]) for x in (b.data, b.scales))
-    (out,) = fused_gemm_p.bind(a2, norm_w, a_g, data, scales, b.global_scale.reshape(()), res, prologue=kind,
-                               eps=prologue.eps if kind == "rms_norm" else 0.0, quantize_a=g_a is not None,
-                               a_sf_layout=None if g_a is None else (
-                                   kw["input_sf_layout"] or fmt.activation_sf_layout(rows, SMALL_M_MAX)),
-                               b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dt)
-    return out.reshape(*lead, m, n)
+    params = dict(prologue=kind, eps=prologue.eps if kind == "rms_norm" else 0.0, quantize_a=g_a is not None,
+                  a_sf_layout=None if g_a is None else (
+                      input_sf_layout or fmt.activation_sf_layout(rows, SMALL_M_MAX)),
+                  b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dt)
+    return FusedCall((norm_w, a_g, data, scales, b.global_scale.reshape(())), params, lead, m, n, k_in)
 
 
 def _with_rank(t: NVFP4Tensor, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -285,3 +285,104 @@ def test_w4a4_residual_decoded_rows(rng, m):
     want = add_residual(jax.jit(lambda x: jaxfp4.matmul(norm(x), w, input_scale=0.01))(x), r)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     np.testing.assert_allclose(got, want, rtol=2.0 ** -7, atol=0.02 * np.abs(want).max())
+
+
+# ---- chains: jaxfp4_gemm_chain (jaxfp4.matmul_chain) ------------------------------------------
+
+def _prepared(rng, n, k):
+    w = jaxfp4.quantize(jnp.asarray(random_matrix(rng, (n, k), spread=2)), sf_layout="linear")
+    return jaxfp4.prepare_weights(w)
+
+
+def _links_one_by_one(a, links):
+    outs, x = [], a
+    for link in links:
+        r = outs[link.residual] if isinstance(link.residual, int) else link.residual
+        x = jaxfp4.matmul(x, link.weight, input_scale=link.input_scale, prologue=link.prologue, residual=r)
+        outs.append(x)
+    return outs
+
+
+def _check_chain(rng, a, links):
+    """The chain (one jaxfp4_gemm_chain call, outputs in poisoned memory) against its links'
+    own calls, bit for bit; every output finite and not all zero."""
+    fn = jax.jit(lambda a: jaxfp4.matmul_chain(a, links))
+    fn.lower(a)  # lowered (and the path noted) before the poisoning
+    _poison()
+    got = fn(a)
+    assert jaxfp4.backend_info()["lowered"]["gemm_chain[cuda]"] == "jaxfp4_gemm_chain"
+    want = jax.jit(lambda a: _links_one_by_one(a, links))(a)
+    for i, (y, w) in enumerate(zip(got, want)):
+        y, w = np.asarray(y, np.float32), np.asarray(w, np.float32)
+        assert np.isfinite(y).all() and np.abs(y).max() > 0, f"link {i}"
+        np.testing.assert_array_equal(y, w, err_msg=f"link {i}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w4a4", [False, True], ids=["w4a16", "w4a4"])
+@pytest.mark.parametrize("d,f,k0", [(4096, 14336, 4096), (272, 720, 208)])
+def test_chain_decoder_tail(rng, d, f, k0, w4a4):
+    """o_proj + residual, gate_up with the RMSNorm, down with the SwiGLU + link 0's output, at M = 1."""
+    x = jnp.asarray(random_matrix(rng, (1, d), spread=3), jnp.bfloat16)
+    attn = jnp.asarray(random_matrix(rng, (1, k0), spread=3), jnp.bfloat16)
+    norm = jaxfp4.RMSNorm(jnp.asarray(0.5 + rng.random(d), jnp.bfloat16), EPS)
+    s = {"input_scale": jnp.float32(0.02)} if w4a4 else {}
+    links = [jaxfp4.Link(_prepared(rng, d, k0), residual=x, **s),
+             jaxfp4.Link(_prepared(rng, 2 * f, d), prologue=norm, **s),
+             jaxfp4.Link(_prepared(rng, d, f), prologue=jaxfp4.SwiGLU(), residual=0, **s)]
+    _check_chain(rng, attn, links)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 31, 32])
+def test_chain_without_prologues(rng, m):
+    """Residual-only links run the ordinary small-M kernels (W4A16 up to 32 rows; W4A4 the
+    in-kernel quantization's, up to 8), ragged N and K."""
+    a = jnp.asarray(random_matrix(rng, (m, 336), spread=3), jnp.bfloat16)
+    r = jnp.asarray(rng.standard_normal((m, 1008)), jnp.bfloat16)
+    ws = [_prepared(rng, 1008, 336), _prepared(rng, 208, 1008), _prepared(rng, 1008, 208)]
+    _check_chain(rng, a, [jaxfp4.Link(ws[0], residual=r), jaxfp4.Link(ws[1]), jaxfp4.Link(ws[2], residual=0)])
+    if m <= 8:
+        s = {"input_scale": jnp.float32(0.05)}
+        _check_chain(rng, a, [jaxfp4.Link(ws[0], residual=r, **s), jaxfp4.Link(ws[1], **s),
+                              jaxfp4.Link(ws[2], residual=0, **s)])
+
+
+@pytest.mark.gpu
+def test_chain_weights_made_just_before(rng):
+    """Eager: link 1's weights come from the kernels just before the call. Its kernel copies
+    them before waiting on link 0, so the call's first launch must not start early."""
+    for _ in range(3):
+        a = jnp.asarray(random_matrix(rng, (1, 4096), spread=3), jnp.bfloat16)
+        w0 = _prepared(rng, 4096, 4096)
+        w1 = jaxfp4.prepare_weights(jaxfp4.quantize(jnp.asarray(random_matrix(rng, (6144, 4096), spread=2)),
+                                                    sf_layout="linear"))
+        got = jaxfp4.matmul_chain(a, [jaxfp4.Link(w0), jaxfp4.Link(w1)])
+        want = _links_one_by_one(a, [jaxfp4.Link(w0), jaxfp4.Link(w1)])
+        for y, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.gpu
+def test_chain_handler_rejects_what_it_cannot_run(rng):
+    """A link it cannot run fails the whole call, naming the link, before anything launches."""
+    empty_b, empty_f = np.zeros((0,), BF16), np.zeros((0,), np.float32)
+
+    def link(n, k):
+        bd, bs, bg = random_nvfp4(rng, (), n, k, "linear")
+        bd, bs = _pack(bd, bs, "linear")
+        return [empty_b, empty_f, bd, bs.view(F8), np.asarray(bg, np.float32).reshape(()), empty_b]
+    a = random_matrix(rng, (9, 64)).astype(BF16)
+    # link 1 gets link 0's [9, 128] output, but its weights are for K = 64
+    call = jax.ffi.ffi_call("jaxfp4_gemm_chain", [jax.ShapeDtypeStruct((9, 128), BF16),
+                                                  jax.ShapeDtypeStruct((9, 32), BF16)])
+    ops = [_dev(x) for x in [a, *link(128, 64), *link(32, 64)]]
+    attrs = dict(eps=np.zeros(2, np.float32), b_sf_layout=np.full(2, fmt.SF_LAYOUT_IDS["linear"], np.int32),
+                 b_packing=np.ones(2, np.int32), res_from=np.array([-1, -1], np.int32))
+    with pytest.raises(Exception, match=r"jaxfp4 gemm chain \(cuda\), link 1: "):
+        jax.block_until_ready(call(*ops, prologue=np.array([0, 0], np.int32), **attrs))
+    with pytest.raises(Exception, match=r"gemm chain \(cuda\), link 0: a fused prologue or W4A4 needs M <= 8"):
+        jax.block_until_ready(call(*ops, prologue=np.array([2, 0], np.int32), **attrs))
+    with pytest.raises(Exception, match="res_from must name an earlier link"):
+        jax.block_until_ready(call(*ops, prologue=np.array([0, 0], np.int32),
+                                   **{**attrs, "res_from": np.array([-1, 1], np.int32)}))

@@ -66,6 +66,13 @@ def fused_fits(m: int, k: int, prologue: str, a_dtype, norm_dtype, out_dtype, ha
     return quantize_a_fits(m, k, a_dtype, b_packing)  # the same staged rows
 
 
+def native_fits(m: int, a_dtype, norm_dtype, has_residual: bool, params: dict) -> bool:
+    """Whether fused_gemm_p with these params lowers to jaxfp4_gemm_fused on CUDA
+    as it is (no prologue or quantization moved out into other ops)."""
+    return fused_fits(m, params["b_shape"][1], params["prologue"], a_dtype, norm_dtype, params["out_dtype"],
+                      has_residual, params["b_packing"], params["quantize_a"])
+
+
 def _abstract_eval(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, quantize_a,
                    a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
     return [ShapedArray((a.shape[0], b_shape[0]), np.dtype(out_dtype))]

@@ -1,0 +1,109 @@
+"""matmul_chain: NVFP4 matmuls in a row, each fed by the one before, as one op.
+
+A decoder layer after its attention is such a chain: h = x + o_proj(attn),
+gate_up = gate_up_proj(rms_norm(h)), y = h + down_proj(swiglu(gate_up)).
+Written as
+
+    h, gate_up, y = jaxfp4.matmul_chain(attn, [
+        jaxfp4.Link(w_o, residual=x),
+        jaxfp4.Link(w_gate_up, prologue=jaxfp4.RMSNorm(norm_w, eps)),
+        jaxfp4.Link(w_down, prologue=jaxfp4.SwiGLU(), residual=0),  # + h, link 0's output
+    ])
+
+it returns the same arrays, bit for bit, as the three `jaxfp4.matmul` calls.
+On the GPU, where every link runs as one fused kernel (bf16, prepared weights,
+decode-size M; see `jaxfp4.matmul`'s prologue and residual), the chain is one
+custom call whose kernels start early: each link after the first begins
+copying its weights while the link before it finishes. XLA records every
+custom call as a CUDA-graph node of its own, so separate calls cannot overlap
+like this (benchmarks/kernel/NOTES.md, sessions 12 and 14).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfp4 import ops
+from jaxfp4._checks import check_float_dtype
+from jaxfp4.fused import Prologue
+from jaxfp4.primitives.gemm_chain import gemm_chain_p
+from jaxfp4.tensor import NVFP4Tensor, describe
+
+
+class Link(NamedTuple):
+    """One matmul of a chain: `residual + matmul(prologue(x), weight, input_scale=...)`.
+
+    weight: NVFP4Tensor [N, K] (prepared with jaxfp4.prepare_weights for the
+      fast path). prologue: jaxfp4.RMSNorm, jaxfp4.SwiGLU or None.
+    residual: None, an array of the link's output shape and dtype, or an int j:
+      the output of the chain's earlier link j.
+    input_scale: W4A4 with a static activation decode scale (a float32 scalar),
+      as `jaxfp4.matmul`'s; None for W4A16.
+    """
+    weight: NVFP4Tensor
+    prologue: Prologue | None = None
+    residual: jax.Array | int | None = None
+    input_scale: Any = None
+
+
+def matmul_chain(a: jax.Array, links: Sequence[Link], *, out_dtype: Any = jnp.bfloat16) -> list[jax.Array]:
+    """The outputs y_0 .. y_{n-1} of the chain: y_0 = link 0 applied to a
+    [..., M, K_0], y_i = link i applied to y_{i-1}; each `jaxfp4.matmul(x,
+    link.weight, input_scale=link.input_scale, prologue=link.prologue,
+    residual=..., out_dtype=out_dtype)` with an int residual j standing for y_j.
+    Returns every y_i ([..., M, N_i], out_dtype), bit for bit those calls'."""
+    if isinstance(links, Link) or not isinstance(links, (list, tuple)) or not links:
+        raise TypeError(f"links must be a non-empty list of jaxfp4.Link, got {type(links).__name__}")
+    for i, link in enumerate(links):
+        if not isinstance(link, Link):
+            raise TypeError(f"links[{i}] must be a jaxfp4.Link, got {type(link).__name__}")
+        if not isinstance(link.weight, NVFP4Tensor):
+            raise TypeError(f"links[{i}].weight must be an NVFP4Tensor, got {describe(link.weight)}")
+        r = link.residual
+        if isinstance(r, (bool, np.bool_)) or (isinstance(r, (int, np.integer)) and not 0 <= r < i):
+            raise ValueError(f"links[{i}].residual: an int names an earlier link's output (0 <= j < {i}), got {r!r}")
+    out_dt = check_float_dtype(out_dtype, "out_dtype")
+    calls = _fused_calls(a, links, out_dt)
+    if calls is None:  # not one fused op per link (e.g. W4A4 input, batched weights): separate ops
+        outs: list[jax.Array] = []
+        x = a
+        for link in links:
+            r = outs[link.residual] if isinstance(link.residual, (int, np.integer)) else link.residual
+            x = ops.matmul(x, link.weight, input_scale=link.input_scale, out_dtype=out_dt, prologue=link.prologue,
+                           residual=r)
+            outs.append(x)
+        return outs
+    f0 = calls[0]
+    operands = [jnp.broadcast_to(a, (*f0.lead, f0.m, f0.k_in)).reshape(f0.rows, f0.k_in)]
+    for f, link in zip(calls, links):
+        arr = link.residual is not None and not isinstance(link.residual, (int, np.integer))
+        operands += [*f.operands, link.residual.reshape(f.rows, f.n) if arr else jnp.zeros((0,), out_dt)]
+    res_from = tuple(int(link.residual) if isinstance(link.residual, (int, np.integer)) else -1 for link in links)
+    outs = gemm_chain_p.bind(*operands, links=tuple(tuple(sorted(f.params.items())) for f in calls),
+                             res_from=res_from)
+    return [y.reshape(*f.lead, f.m, f.n) for y, f in zip(outs, calls)]
+
+
+def _fused_calls(a: Any, links: Sequence[Link], out_dt: Any) -> list[ops.FusedCall] | None:
+    """Each link's fused_gemm_p call (checking its arguments, naming the link),
+    or None where some link is not one fused op."""
+    calls: list[ops.FusedCall] = []
+    x = a
+    for i, link in enumerate(links):
+        r = link.residual
+        if isinstance(r, (int, np.integer)):  # link r's output (checked: r < i, so calls[r] exists)
+            r = jax.ShapeDtypeStruct((*calls[r].lead, calls[r].m, calls[r].n), out_dt)
+        try:
+            f = ops.fused_operands(x, link.weight, link.prologue, r, input_scale=link.input_scale,
+                                   input_sf_layout=None, out_dtype=out_dt)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"links[{i}]: {e}") from None
+        if f is None:
+            return None
+        calls.append(f)
+        x = jax.ShapeDtypeStruct((*f.lead, f.m, f.n), out_dt)
+    return calls
