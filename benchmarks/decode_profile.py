@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-fuse-neighbours", dest="fuse_neighbours", action="store_false",
                    help="norms, SwiGLU and residual adds as separate ops (as examples/decode.py's flag)")
     p.add_argument("--hlo", metavar="DIR", help="also write each model's compiled HLO (text) into DIR")
+    p.add_argument("--no-chain", dest="chain", action="store_false",
+                   help="o_proj + MLP as separate ops (as examples/decode.py --no-chain)")
+    p.add_argument("--attention", choices=("xla", "cudnn"), default="cudnn" if gpu else "xla",
+                   help="decode-step attention (as examples/decode.py --attention)")
     p.add_argument("--lm-head", choices=("bf16", "nvfp4"), default="nvfp4",
                    help="the NVFP4 models' lm_head (as examples/decode.py --lm-head; random weights: nvfp4)")
     args = p.parse_args(argv)
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         head = "bf16" if lin == "bf16" else args.lm_head
         params = base if lin == "bf16" else nvfp4_params(base, lin, packing, None, scales if lin == "w4a4" else None,
                                                          head)
-        model = Decoder(cfg, lin, packing, lin == "w4a4", True, args.fuse_neighbours, head=head)
+        model = Decoder(cfg, lin, packing, lin == "w4a4", True, args.fuse_neighbours, attention=args.attention,
+                        chain=args.chain, head=head)
         run = decode.compile_all(decode.make_generate(model), params, cfg, [b], max_len)[b]
         if args.hlo:
             Path(args.hlo).mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,13 @@ random weights nvfp4 (every projection NVFP4). Tied embeddings: the NVFP4
 lm_head is a quantized copy of the table; the token lookup stays bf16. The
 bf16 baseline keeps a bf16 lm_head (a checkpoint's quantized one dequantized).
 
+With fused projections and neighbours, each layer's o_proj, gate_up_proj and
+down_proj run as one jaxfp4.matmul_chain (on the GPU at batch 1 one custom call
+whose GEMMs overlap each other's start and end; --no-chain: separate ops, the
+same values). Every model's decode-step attention (--attention) is cuDNN's
+fused kernel on a GPU (jax.nn.dot_product_attention) and XLA's einsums and
+softmax elsewhere.
+
 W4A4 activation scales are STATIC by default, as in deployed NVFP4 models (a
 fixed g_a per projection, ModelOpt's `input_scale`: one quantize launch, no
 amax pass): the checkpoint's if all its linears have one, else calibrated
@@ -261,6 +268,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dynamic-act-scale", action="store_true", help="W4A4: dynamic activation global "
                    "scales (an amax pass per projection), not static ones (the checkpoint's or calibrated)")
     p.add_argument("--calib-seqs", type=int, default=4, help="extra random sequences to calibrate on")
+    p.add_argument("--no-chain", dest="chain", action="store_false",
+                   help="the NVFP4 models' o_proj, gate_up_proj and down_proj as separate jaxfp4 ops "
+                   "(default: one jaxfp4.matmul_chain; needs fused projections and neighbours)")
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                   help="every model's decode-step attention: XLA einsums and softmax, or cuDNN's fused "
+                   "kernel (jax.nn.dot_product_attention); auto: cudnn on a GPU, else xla")
     p.add_argument("--lm-head", choices=("auto", "bf16", "nvfp4"), default="auto",
                    help="the NVFP4 models' lm_head: nvfp4 (W4A16) or bf16; auto: the checkpoint's "
                    "(nvfp4 if it stores a quantized lm_head), with random weights nvfp4")
@@ -269,6 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown := set(args.models.split(",")) - set(MODELS):
         p.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
     args.models = [m for m in MODELS if m in args.models.split(",")]  # bf16 first: the reference
+    if args.attention == "auto":
+        args.attention = "cudnn" if gpu else "xla"
     args.max_len = args.max_len or args.prompt_len + args.tokens + 1
     if args.max_len < args.prompt_len + args.tokens + 1:
         p.error("--max-len must be at least prompt-len + tokens + 1")
@@ -316,7 +331,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
                              else "unfused (the checkpoint's q/k/v or gate/up global scales differ)"))
     print("NVFP4 models: RMSNorms, SwiGLU and residual adds " +
           ("in the projections (jaxfp4.matmul prologue/residual)" if args.fuse_neighbours
-           else "as separate ops (--no-fuse-neighbours)"))
+           else "as separate ops (--no-fuse-neighbours)") +
+          ("; o_proj + MLP as one jaxfp4.matmul_chain" if args.fuse_neighbours and fused and args.chain else ""))
+    print(f"attention (decode steps, every model): {args.attention}")
     head, how = lm_head(args, cfg, ckpt)
     print(how)
     prompts = {b: jax.random.randint(jax.random.key(args.seed + b), (b, args.max_len), 0, cfg.vocab, jnp.int32)
@@ -332,10 +349,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         linear = MODELS[model_name]
         static = linear == "w4a4" and scales is not None
         if linear == "bf16":  # the baseline: bf16 lm_head whatever --lm-head says
-            params, model = base, Decoder(cfg, linear, fused=fused)
+            params, model = base, Decoder(cfg, linear, fused=fused, attention=args.attention)
         else:
             params = nvfp4_params(base, linear, packing, ckpt, scales if static else None, head)
-            model = Decoder(cfg, linear, packing, static, fused, args.fuse_neighbours, head=head)
+            model = Decoder(cfg, linear, packing, static, fused, args.fuse_neighbours, attention=args.attention,
+                            chain=args.chain, head=head)
         bar.set_postfix_str(f"compiling {model_name}")
         t0 = time.perf_counter()
         runs = compile_all(make_generate(model), params, cfg, args.batches, args.max_len)

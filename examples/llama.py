@@ -12,7 +12,9 @@ W4A4, fewer activation quantizations. With fuse_neighbours (the default) the
 NVFP4 projections take the layer's RMSNorms and SwiGLU as prologues and its
 residual adds (jaxfp4.matmul's prologue and residual: in the GEMM kernel on the
 GPU at decode batch sizes); the same model as the separate ops, which the bf16
-model runs. Weights: random_params (scaled normal,
+model runs; chained (the default with both), o_proj, gate_up_proj and down_proj
+are one jaxfp4.matmul_chain. `attention`: a decode step's attention over the KV
+cache as XLA einsums and softmax, or cuDNN's fused kernel (GPU). Weights: random_params (scaled normal,
 made on the device per projection; fused or not, the same bf16 model),
 checkpoint_params (a jaxfp4.checkpoint's linears dequantized, the bf16
 baseline; its parts concatenate exactly only if their global scales are equal,
@@ -147,11 +149,24 @@ class Projections(nn.Module):
     # (jaxfp4.matmul's prologue and residual: inside the GEMM kernel on the GPU
     # at decode batch sizes); False, or bf16: as separate ops. The same model.
     fuse_neighbours: bool = True
+    # Decode steps' attention over the KV cache: "xla" (einsums and a softmax: four
+    # kernels) or "cudnn" (jax.nn.dot_product_attention's fused kernel, GPU only).
+    attention: str = "xla"
+    chain: bool = True  # o_proj + MLP as one jaxfp4.matmul_chain where it can (see chained)
 
     def settings(self) -> dict[str, Any]:
         return dict(cfg=self.cfg, linear=self.linear, packing=self.packing,
                     static_input_scale=self.static_input_scale, fused=self.fused,
-                    fuse_neighbours=self.fuse_neighbours)
+                    fuse_neighbours=self.fuse_neighbours, attention=self.attention, chain=self.chain)
+
+    def chained(self) -> bool:
+        """Whether a layer's o_proj, gate_up_proj and down_proj run as one
+        jaxfp4.matmul_chain (NVFP4 with its neighbours fused, one static input
+        scale each for W4A4): on the GPU at batch 1 one custom call whose GEMMs
+        overlap their neighbours' start and end; elsewhere the same ops as
+        separate calls."""
+        return (self.chain and self.linear != "bf16" and self.fuse_neighbours and self.fused
+                and (self.linear == "w4a16" or self.static_input_scale))
 
     def apply_proj(self, name: str, features: int, x: jax.Array, prologue: Any = None,
                    residual: jax.Array | None = None) -> jax.Array:
@@ -183,7 +198,8 @@ class Attention(Projections):
 
     @nn.compact
     def __call__(self, x: jax.Array, norm: jaxfp4.RMSNorm, positions: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, Any]:
+                 kv: tuple[jax.Array, jax.Array] | None, chained: bool = False) -> tuple[Any, ...]:
+        """(x + o_proj(attention), cache); chained: (attention, cache, o_proj's chain link)."""
         c = self.cfg
         b, s, _ = x.shape
         q, k, v = (y.reshape(b, s, -1, c.head_dim) for y in
@@ -198,12 +214,22 @@ class Attention(Projections):
             kv = (lax.dynamic_update_slice(kv[0], k, start), lax.dynamic_update_slice(kv[1], v, start))
             k, v = kv
             key_pos = jnp.arange(k.shape[1])
+        if kv is not None and s == 1 and self.attention == "cudnn":  # a decode step: keys 0 .. position
+            lens = jnp.full((b,), positions[0] + 1, jnp.int32)
+            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lens, implementation="cudnn")
+            return self.output(out.reshape(b, s, c.heads * c.head_dim), x, kv, chained)
         q = q.reshape(b, s, c.kv_heads, c.heads // c.kv_heads, c.head_dim)  # grouped-query
         scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
         mask = key_pos[None, :] <= positions[:, None]  # causal, by position: [S, T]
         scores = jnp.where(mask, scores / math.sqrt(c.head_dim), -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, c.heads * c.head_dim)
+        return self.output(out, x, kv, chained)
+
+    def output(self, out: jax.Array, x: jax.Array, kv: Any, chained: bool) -> tuple[Any, ...]:
+        c = self.cfg
+        if chained:
+            return out, kv, self.proj("o_proj", c.hidden).link(c.heads * c.head_dim, residual=x)
         return self.apply_proj("o_proj", c.hidden, out, residual=x), kv
 
 
@@ -211,8 +237,13 @@ class MLP(Projections):
     """x + mlp(norm(x)): SwiGLU (jaxfp4.SwiGLU, float32 inside)."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, norm: jaxfp4.RMSNorm) -> jax.Array:
+    def __call__(self, x: jax.Array, norm: jaxfp4.RMSNorm, links: bool = False) -> Any:
+        """x + mlp(norm(x)); links: gate_up_proj's and down_proj's chain links
+        instead, down_proj's residual link 0 (the chain's o_proj: x)."""
         c = self.cfg
+        if links:
+            return [self.proj("gate_up_proj", 2 * c.ffn).link(c.hidden, prologue=norm),
+                    self.proj("down_proj", c.hidden).link(c.ffn, prologue=jaxfp4.SwiGLU(), residual=0)]
         if self.fused:  # down_proj takes gate_up_proj's [gate | up] through its prologue
             gate_up = self.apply_proj("gate_up_proj", 2 * c.ffn, x, norm)
             return self.apply_proj("down_proj", c.hidden, gate_up, jaxfp4.SwiGLU(), residual=x)
@@ -225,10 +256,15 @@ class Block(Projections):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, kv: Any) -> tuple[jax.Array, Any]:
         kw, c = self.settings(), self.cfg
-        x, kv = Attention(**kw, name="self_attn")(x, RMSNorm(c.hidden, c.norm_eps, name="input_layernorm").spec(),
-                                                  positions, kv)
-        x = MLP(**kw, name="mlp")(x, RMSNorm(c.hidden, c.norm_eps, name="post_attention_layernorm").spec())
-        return x, kv
+        attn, mlp = Attention(**kw, name="self_attn"), MLP(**kw, name="mlp")
+        norm1 = RMSNorm(c.hidden, c.norm_eps, name="input_layernorm").spec()
+        norm2 = RMSNorm(c.hidden, c.norm_eps, name="post_attention_layernorm").spec()
+        if self.chained():  # x + o_proj(attention), then the MLP with its residual, as one chain
+            out, kv, o_link = attn(x, norm1, positions, kv, chained=True)
+            _, _, x = jaxfp4.matmul_chain(out, [o_link, *mlp(x, norm2, links=True)])
+            return x, kv
+        x, kv = attn(x, norm1, positions, kv)
+        return mlp(x, norm2), kv
 
 
 class Decoder(Projections):

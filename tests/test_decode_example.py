@@ -23,6 +23,7 @@ from flax import traverse_util
 
 import jaxfp4
 from jaxfp4.primitives.fused_gemm import fused_gemm_p
+from jaxfp4.primitives.gemm_chain import PER_LINK, gemm_chain_p
 from jaxfp4.primitives.gemm import gemm_p
 from jaxfp4.primitives.quantize import quantize_p
 
@@ -131,9 +132,12 @@ def test_neighbours_fused_into_the_nvfp4_projections():
         cache, tok, pos = decode.init_cache(cfg, 2, 8), jnp.zeros((2, 1), jnp.int32), jnp.array([3])
         model = decode.Decoder(cfg, "w4a16", head="nvfp4")
         jaxpr = jax.make_jaxpr(lambda p, c: model.apply({"params": p}, tok, pos, c))(params, cache).jaxpr
-        fused = [(e.params["prologue"], e.invars[-1].aval.size > 0) for e in _eqns(jaxpr, fused_gemm_p)]
+        fused = [(p["prologue"], res) for p, res in _fused_gemms(jaxpr)]
         layer = [("rms_norm", False), ("none", True), ("rms_norm", False), ("swiglu", True)]
         assert fused == layer * cfg.layers + [("rms_norm", False)]
+        # o_proj, gate_up_proj and down_proj as one chain (down_proj's residual: o_proj's output)
+        chains = list(_eqns(jaxpr, gemm_chain_p))
+        assert len(chains) == cfg.layers and all(e.params["res_from"] == (-1, -1, 0) for e in chains)
         assert not list(_eqns(jaxpr, gemm_p))
         # Op by op the same bits (under jit XLA may keep an unfused residual sum in float32
         # for the norm that reads it: excess precision, about a bf16 ulp per layer).
@@ -152,10 +156,23 @@ def test_neighbours_fused_into_the_nvfp4_projections():
     assert args.fuse_neighbours is False and decode.parse_args([]).fuse_neighbours is True
 
 
+def _fused_gemms(jaxpr):
+    """(params, has a residual) of every fused GEMM in program order: each fused_gemm_p
+    op, and each link of a gemm_chain_p op."""
+    for e in _eqns(jaxpr, (fused_gemm_p, gemm_chain_p)):
+        if e.primitive is fused_gemm_p:
+            yield e.params, e.invars[-1].aval.size > 0
+            continue
+        for i, p in enumerate(e.params["links"]):
+            yield dict(p), e.invars[PER_LINK * (i + 1)].aval.size > 0 or e.params["res_from"][i] >= 0
+
+
 def _eqns(jaxpr, primitive=quantize_p):
-    """The equations of `primitive` in a jaxpr, its sub-jaxprs' included."""
+    """The equations of `primitive` (or of any of a tuple of them) in a jaxpr, its
+    sub-jaxprs' included, in program order."""
+    prims = primitive if isinstance(primitive, tuple) else (primitive,)
     for eqn in jaxpr.eqns:
-        if eqn.primitive is primitive:
+        if eqn.primitive in prims:
             yield eqn
         for v in eqn.params.values():
             for sub in v if isinstance(v, (list, tuple)) else [v]:
@@ -205,7 +222,7 @@ def test_calibrated_static_input_scales():
             quantizes = list(_eqns(jaxpr.jaxpr))
             modes = [e.params["mode"] for e in _eqns(jaxpr.jaxpr, gemm_p)]
             if is_static:  # each with its neighbours (norm, SwiGLU, residual): one fused op
-                fused = [e.params["quantize_a"] for e in _eqns(jaxpr.jaxpr, fused_gemm_p)]
+                fused = [p["quantize_a"] for p, _ in _fused_gemms(jaxpr.jaxpr)]
                 assert not quantizes and not modes and fused == [True] * (4 * cfg.layers)
             else:
                 assert len(quantizes) == 4 * cfg.layers and modes == ["w4a4"] * (4 * cfg.layers)
@@ -339,10 +356,10 @@ def test_nvfp4_lm_head(tied):
             for p, h in ((bf16_head, "bf16"), (nvfp4_head, "nvfp4")):
                 model = decode.Decoder(cfg, linear, head=h)
                 jaxpr = jax.make_jaxpr(lambda p, c, m=model: m.apply({"params": p}, tok, pos, c))(p, cache).jaxpr
-                gemms = list(_eqns(jaxpr, gemm_p)) + list(_eqns(jaxpr, fused_gemm_p))  # fused: W4A16
+                gemms = [e.params for e in _eqns(jaxpr, gemm_p)] + [p for p, _ in _fused_gemms(jaxpr)]  # fused: W4A16
                 assert len(gemms) == projs + (h == "nvfp4"), (linear, h)
                 out = {np.dtype(jnp.bfloat16): "projection", np.dtype(np.float32): "lm_head"}
-                modes = sorted((out[e.params["out_dtype"]], e.params.get("mode", "w4a16")) for e in gemms)
+                modes = sorted((out[p["out_dtype"]], p.get("mode", "w4a16")) for p in gemms)
                 assert modes == [("lm_head", "w4a16")] * (h == "nvfp4") + [("projection", linear)] * projs
                 assert len(list(_eqns(jaxpr))) == (projs if linear == "w4a4" else 0)
 
