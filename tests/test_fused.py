@@ -165,9 +165,10 @@ def test_fused_fits_rule():
 @pytest.mark.parametrize("m,prologue", [(9, "rms_norm"), (16, "none"), (32, "swiglu")])
 def test_w4a4_residual_at_decoded_rows(rng, m, prologue):
     """W4A4 + residual at rows the fused kernel cannot quantize itself on the GPU
-    (fused_gemm._quantized_then_fused: quantize and decode in one launch, the W4A16
-    op storing the residual), run here through the CPU
-    handlers: the same bits as the separate ops; and the CUDA lowering's choice."""
+    (fused_gemm._quantized_then_fused: quantize and decode, then the W4A16 kernel
+    storing the residual, in one call), as the primitives it equals
+    (quantized_then_fused_ops) through the CPU handlers: the same bits as the
+    separate ops; and the CUDA lowering's choice."""
     from jax.core import ShapedArray
     from jaxfp4.primitives import fused_gemm
 
@@ -182,7 +183,7 @@ def test_w4a4_residual_at_decoded_rows(rng, m, prologue):
     params = dict(prologue=prologue, eps=1e-5, quantize_a=True, a_sf_layout="8x4", b_sf_layout=w.sf_layout,
                   b_packing=w.packing, b_shape=(n, k), out_dtype=jnp.bfloat16)
     args = (a, norm_w, g_a, w.data, w.scales, w.global_scale, r)
-    (got,) = fused_gemm._quantized_then_fused(*args, **params)
+    (got,) = fused_gemm.quantized_then_fused_ops(*args, **params)
     (want,) = fused_gemm._compose(*args, **params)
     np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
     avals = [ShapedArray(x.shape, x.dtype) for x in args]

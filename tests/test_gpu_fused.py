@@ -274,8 +274,12 @@ def test_w4a4_residual_decoded_rows(rng, m):
     w = jaxfp4.prepare_weights(jaxfp4.quantize(jnp.asarray(random_matrix(rng, (n, k), spread=2))))
     x = jnp.asarray(random_matrix(rng, (m, k), spread=2), jnp.bfloat16)
     r = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
-    got = jax.jit(lambda x, r: jaxfp4.matmul(x, w, input_scale=0.01, residual=r))(x, r)
+    fn = jax.jit(lambda x, r: jaxfp4.matmul(x, w, input_scale=0.01, residual=r))
+    fn.lower(x, r)
+    _poison()
+    got = fn(x, r)
     assert jaxfp4.backend_info()["kernels_run"]["gemm"].startswith("sm90_gemm_small_m_w4a16_bf16_n")
+    assert "w4a4_decoded" in jaxfp4.backend_info()["lowered"]["fused_gemm[cuda]"]
     want = add_residual(jax.jit(lambda x: jaxfp4.matmul(x, w, input_scale=0.01))(x), r)
     np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
     # With the norm (in XLA, each jit its own reduction order: a normed value may round
@@ -386,3 +390,26 @@ def test_chain_handler_rejects_what_it_cannot_run(rng):
     with pytest.raises(Exception, match="res_from must name an earlier link"):
         jax.block_until_ready(call(*ops, prologue=np.array([0, 0], np.int32),
                                    **{**attrs, "res_from": np.array([-1, 1], np.int32)}))
+
+
+@pytest.mark.gpu
+def test_w4a4_decoded_handler_rejects_what_it_cannot_run(rng):
+    """jaxfp4_gemm_w4a4_decoded: bad shapes or plain weights get an error, and nothing runs."""
+    bd, bs, bg = random_nvfp4(rng, (), 32, 64, "linear")
+    pd, ps = _pack(bd, bs, "linear")
+    a = random_matrix(rng, (3, 64)).astype(BF16)
+
+    def call(b_data, b_scales, packing, dec_k=64):
+        f = jax.ffi.ffi_call("jaxfp4_gemm_w4a4_decoded", (jax.ShapeDtypeStruct((3, 32), BF16),
+                                                          jax.ShapeDtypeStruct((3, dec_k), BF16),
+                                                          jax.ShapeDtypeStruct((), np.float32)))
+        out = f(_dev(a), _dev(np.float32(0.01)), _dev(b_data), _dev(b_scales.view(F8)),
+                _dev(np.asarray(bg, np.float32).reshape(())), _dev(np.zeros((0,), BF16)),
+                b_sf_layout=np.int32(fmt.SF_LAYOUT_IDS["linear"]), b_packing=np.int32(packing))
+        return jax.block_until_ready(out)
+    with pytest.raises(Exception, match="w4a4_decoded needs sm90-packed weights"):
+        call(bd, bs, 0)
+    with pytest.raises(Exception, match="a and decoded must be"):
+        call(pd, ps, 1, dec_k=48)
+    out, dec, g = call(pd, ps, 1)  # and the valid call runs
+    assert np.isfinite(np.asarray(out, np.float32)).all() and float(g) == pytest.approx(0.01 * float(bg))

@@ -403,8 +403,9 @@ def test_matmul_input_scale(rng):
             assert fused == (m <= 8 and m * k <= 8192)
             kernel = jaxfp4.backend_info()["kernels_run"]["gemm"]
             assert kernel.endswith("_quantize_a") == fused, (m, k, kernel)
-            if not fused and m <= 32:
+            if not fused and m <= 32:  # quantize_decoded + the W4A16 kernel in one call
                 assert kernel.startswith("sm90_gemm_small_m_w4a16"), (m, k, kernel)
+                assert jaxfp4.backend_info()["lowered"]["gemm[cuda]"].startswith("w4a4_decoded")
             layout = "8x4" if m <= 32 else "128x4"
             aq = jaxfp4.quantize(a, g, sf_layout=layout)
             if m <= 32:  # both sides run this library's kernels: bit for bit

@@ -257,8 +257,9 @@ def test_quantize_decoded_edge_blocks():
 def test_w4a4_quantize_decoded_route_is_the_w4a4_product(rng, m):
     """The GPU's one-op W4A4 route for M <= 32 rows with prepared weights
     (gemm._quantize_decoded_then_gemm: a quantized and decoded in one kernel, then
-    W4A16 with g_a * g_b), run through the CPU handlers: quantize then the W4A4
-    GEMM, bit for bit."""
+    W4A16 with g_a * g_b, both in one call), as the primitives it equals
+    (quantize_decoded_then_gemm_ops) through the CPU handlers: quantize then the
+    W4A4 GEMM, bit for bit."""
     from jaxfp4.primitives import gemm
 
     n, k = 37, 272
@@ -266,7 +267,7 @@ def test_w4a4_quantize_decoded_route_is_the_w4a4_product(rng, m):
     g_a = jnp.float32(np.abs(np.asarray(a, np.float32)).max() / 2688)
     wq = jaxfp4.prepare_weights(jaxfp4.quantize(jnp.asarray(random_matrix(rng, (n, k)))))
     params = dict(b_sf_layout=wq.sf_layout, b_packing=wq.packing, b_shape=(n, k), out_dtype=jnp.float32)
-    (got,) = jax.jit(lambda a, g: gemm._quantize_decoded_then_gemm(
+    (got,) = jax.jit(lambda a, g: gemm.quantize_decoded_then_gemm_ops(
         a[None], g.reshape(1), wq.data[None], wq.scales[None], wq.global_scale.reshape(1),
         mode="w4a4_quantize_a", a_sf_layout="8x4", **params))(a, g_a)
     want = jaxfp4.matmul(jaxfp4.quantize(a, g_a, sf_layout="8x4"), wq, out_dtype=jnp.float32)

@@ -21,6 +21,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A16Cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A4QuantizeACuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmFusedCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmChainCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A4DecodedCuda);
 // Defined in csrc/cuda/bench_stream.cu.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4BenchStreamReadCuda);
 
@@ -36,6 +37,7 @@ std::vector<FfiTarget> cuda_targets() {
       {"jaxfp4_gemm_w4a4_quantize_a", reinterpret_cast<void*>(&JaxFp4GemmW4A4QuantizeACuda)},
       {"jaxfp4_gemm_fused", reinterpret_cast<void*>(&JaxFp4GemmFusedCuda)},
       {"jaxfp4_gemm_chain", reinterpret_cast<void*>(&JaxFp4GemmChainCuda)},
+      {"jaxfp4_gemm_w4a4_decoded", reinterpret_cast<void*>(&JaxFp4GemmW4A4DecodedCuda)},
       {"jaxfp4_bench_stream_read", reinterpret_cast<void*>(&JaxFp4BenchStreamReadCuda)},
   };
 }

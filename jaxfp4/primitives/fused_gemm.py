@@ -36,7 +36,8 @@ from jax.core import ShapedArray
 from jaxfp4 import format as fmt
 from jaxfp4.fused import RMSNorm, SwiGLU, add_residual
 from jaxfp4.primitives import _common
-from jaxfp4.primitives.gemm import PACKING_IDS, SMALL_M_MAX, gemm_p, quantize_a_fits, quantize_decoded_fits
+from jaxfp4.primitives.gemm import (PACKING_IDS, SMALL_M_MAX, gemm_p, quantize_a_fits, quantize_decoded_fits,
+                                    w4a4_decoded)
 from jaxfp4.primitives.quantize import quantize_decoded_p
 
 fused_gemm_p = _common.define("jaxfp4_fused_gemm")
@@ -109,8 +110,18 @@ def _prologue_then_fused(a, norm_weight, *rest, prologue, eps, **params):
 def _quantized_then_fused(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, quantize_a,
                           a_sf_layout, **params):
     """W4A4 + residual at rows the fused kernel cannot quantize itself: the prologue in jnp,
-    one kernel quantizing and decoding x exactly to bf16 (quantize_decoded_p, as
-    gemm's route), then the fused W4A16 op with g_a * g_b, whose store adds the residual."""
+    then one call quantizing and decoding x exactly to bf16 and running the W4A16
+    kernel with g_a * g_b, whose store adds the residual (gemm.w4a4_decoded, as
+    gemm's route)."""
+    x = _apply_prologue(a, norm_weight, prologue, eps)
+    return (w4a4_decoded(x, a_g, b_data, b_scales, b_g, residual, **params),)
+
+
+def quantized_then_fused_ops(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, quantize_a,
+                             a_sf_layout, **params):
+    """What _quantized_then_fused's call computes, as primitives (quantize_decoded,
+    then the fused W4A16 op with g_a * g_b storing the residual): the same bits;
+    the CPU tests' handle on the route."""
     x = _apply_prologue(a, norm_weight, prologue, eps)
     xq, g = quantize_decoded_p.bind(x, a_g, b_g.reshape(a_g.shape))
     return fused_gemm_p.bind(xq, jnp.zeros((0,), jnp.bfloat16), jnp.zeros((0,), jnp.float32), b_data, b_scales, g,
@@ -129,7 +140,7 @@ def _choose(platform, avals_in, params):
         return "prologue, then gemm + residual (fused)", _prologue_then_fused
     if (platform == "cuda" and params["quantize_a"] and residual.size > 0 and quantize_decoded_fits(m, params["b_packing"])
             and np.dtype(params["out_dtype"]) == np.dtype(jnp.bfloat16)):
-        return "prologue, quantize, decode, then w4a16 gemm + residual (fused)", _quantized_then_fused
+        return "prologue, then w4a4_decoded: quantize (decoded) + w4a16 gemm + residual, one call", _quantized_then_fused
     return "prologue + gemm + residual (unfused)", _compose
 
 

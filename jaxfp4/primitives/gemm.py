@@ -27,6 +27,7 @@ decode and g_a * g_b in the launch that quantizes a) and the W4A16 kernel.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import ShapedArray
@@ -101,13 +102,40 @@ def _quantize_then_gemm(a, a_g, *b_group, **params):
 
 
 def _quantize_decoded_then_gemm(a, a_g, b_data, b_scales, b_g, **params):
-    """w4a4_quantize_a at the rows W4A4 runs on decoded activations: one kernel
-    quantizes a and writes the values it stands for (e2m1 x SF, bf16), then the
-    W4A16 kernel with g_a * g_b: the products and float32 sums of quantize then
-    the W4A4 kernel, without the codes' round trip through memory, an XLA decode
-    and an XLA multiply (each a kernel of its own)."""
+    """w4a4_quantize_a at the rows W4A4 runs on decoded activations (one g_a, one
+    g_b: every batch axis has size 1): quantize_decoded then the W4A16 kernel with
+    g_a * g_b, in one call (w4a4_decoded): the products and float32 sums of
+    quantize then the W4A4 kernel, without the codes' round trip through memory,
+    an XLA decode and an XLA multiply (each a kernel of its own)."""
+    lead = np.broadcast_shapes(a.shape[:-2], b_g.shape)
+    out = w4a4_decoded(a.reshape(a.shape[-2:]), a_g, b_data, b_scales, b_g, None, **params)
+    return (out.reshape(*lead, *out.shape),)
+
+
+def quantize_decoded_then_gemm_ops(a, a_g, b_data, b_scales, b_g, **params):
+    """What _quantize_decoded_then_gemm's call computes, as two primitives (the
+    quantize_decoded kernel, then gemm_p's W4A16 with g_a * g_b): the same bits;
+    the CPU tests' handle on the route (no CPU handler takes packed weights)."""
     a_dec, g = quantize_decoded_p.bind(a, a_g, b_g.reshape(a_g.shape))
     return gemm_p.bind(a_dec, b_data, b_scales, g, **{**params, "mode": "w4a16", "a_sf_layout": None})
+
+
+def w4a4_decoded(a, a_g, b_data, b_scales, b_g, residual, *, b_sf_layout, b_packing, b_shape, out_dtype,
+                 **_):
+    """residual + quantize(a [M, K], a_g) @ B^T (W4A4 from float a, one a_g and one
+    b_g, sm90-packed weights) as jaxfp4_gemm_w4a4_decoded (CUDA): one call
+    launching quantize_decoded (a's quantized values, exact in bf16, and a_g *
+    b_g) and the W4A16 kernel on them, whose weight copies start while the
+    quantize runs. Its other two results are its scratch."""
+    m, k = a.shape
+    call = jax.ffi.ffi_call("jaxfp4_gemm_w4a4_decoded", (
+        jax.ShapeDtypeStruct((m, b_shape[0]), out_dtype), jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+        jax.ShapeDtypeStruct((), jnp.float32)))
+    out, _, _ = call(a, a_g.reshape(()), b_data.reshape(b_data.shape[-2:]), b_scales.reshape(b_scales.shape[-2:]),
+                     b_g.reshape(()), jnp.zeros((0,), jnp.bfloat16) if residual is None else residual,
+                     b_sf_layout=_common.i32(fmt.SF_LAYOUT_IDS[b_sf_layout]),
+                     b_packing=_common.i32(PACKING_IDS[b_packing]))
+    return out
 
 
 def _reference(*args, mode, a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
@@ -196,7 +224,7 @@ def _choose(platform, avals_in, params):
         if platform == "cuda" and quantize_a_in_gemm(m, k, avals_in[0].dtype, params["b_packing"]):
             return None
         if platform == "cuda" and _a4_as_a16_applies(avals_in, params):
-            return "quantize (decoded) + w4a16 (W4A4)", _quantize_decoded_then_gemm
+            return "w4a4_decoded: quantize (decoded) + w4a16 (W4A4), one call", _quantize_decoded_then_gemm
         return "quantize + gemm", _quantize_then_gemm
     if platform != "cuda":
         return ("unpack + gemm", _unpack_then_gemm) if params["b_packing"] is not None else None

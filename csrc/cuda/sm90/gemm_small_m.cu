@@ -68,6 +68,7 @@
 
 #include "jaxfp4/batch.h"
 #include "jaxfp4/ffi_checks.h"
+#include "quantize_decoded.h"
 #include "jaxfp4/format.h"
 #include "jaxfp4/registry.h"
 #include "../device.cuh"
@@ -767,6 +768,41 @@ ffi::Error GemmFusedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer n
   return finish(L, M, N, K, stream);
 }
 
+// W4A4 from float activations as one call of two kernels: a [M, K] quantized
+// with a_g and written as the values the codes stand for (jaxfp4_quantize_decoded
+// into `decoded`, with g_ab = a_g * b_g), then the W4A16 kernel on them with
+// g_ab as the weights' scale (and the residual in its store): the bits of
+// jaxfp4_quantize then jaxfp4_gemm_w4a4 (gemm.py's decoded route). The GEMM is
+// a programmatic dependent whose producer copies its weights (operands of the
+// call; the quantize kernel writes only `decoded` and `g_ab`) before
+// griddepcontrol.wait, so the quantize launch (~2.5 us) hides under the GEMM's
+// ring fill; the quantize launch itself is ordinary, so nothing before the call
+// can still be writing the weights. decoded and g_ab are results, scratch to
+// the caller (the FFI scratch allocator is unsafe under command buffers).
+ffi::Error GemmW4A4DecodedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer a_g, ffi::AnyBuffer b_data,
+                               ffi::AnyBuffer b_scales, ffi::AnyBuffer b_g, ffi::AnyBuffer residual,
+                               ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> decoded,
+                               ffi::Result<ffi::AnyBuffer> g_ab, int32_t b_sf_layout, int32_t b_packing) {
+  const Dims ad = a.dimensions(), dd = decoded->dimensions();
+  if (ad.size() != 2 || dd.size() != 2 || ad[0] != dd[0] || ad[1] != dd[1])
+    return bad("w4a4_decoded: a and decoded must be [M, K], got " + dims_str(ad) + " and " + dims_str(dd));
+  if (a_g.dimensions().size() != 0 || b_g.dimensions().size() != 0)
+    return bad("w4a4_decoded: a_g and b_g must be F32 scalars");
+  if (b_packing != 1) return bad("w4a4_decoded needs sm90-packed weights (b_packing 1)");
+  // The GEMM's checks (on the buffers it will read) before the quantize launch:
+  // a rejected call launches nothing.
+  Launch L;
+  int64_t M = 0, N = 0, K = 0;
+  if (auto e = prepare_fused(*decoded, nullptr, nullptr, b_data, b_scales, *g_ab, given(residual), *out,
+                             kPrologueNone, 0.0f, b_sf_layout, b_packing, &L, &M, &N, &K);
+      e.failure())
+    return e;
+  if (auto e = run_quantize_decoded(stream, a, a_g, b_g, *decoded, *g_ab, /*programmatic=*/false); e.failure())
+    return e;
+  L.p.weights_ready = 1;
+  return finish(L, M, N, K, stream);
+}
+
 // A chain of fused GEMMs (jaxfp4.matmul_chain) as one call: link i is
 // jaxfp4_gemm_fused on a_i, with a_0 the call's first operand and a_i (i > 0)
 // link i-1's result, and residual_i an operand, nothing, or an earlier link's
@@ -852,6 +888,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmFusedCuda, jaxfp4::sm90_gemm::GemmFusedI
                                   .Ret<ffi::AnyBuffer>()  // out [M, N]
                                   .Attr<int32_t>("prologue")
                                   .Attr<float>("eps")
+                                  .Attr<int32_t>("b_sf_layout")
+                                  .Attr<int32_t>("b_packing"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmW4A4DecodedCuda, jaxfp4::sm90_gemm::GemmW4A4DecodedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // a [M, K] F32/BF16/F16
+                                  .Arg<ffi::AnyBuffer>()  // a_g [] F32
+                                  .Arg<ffi::AnyBuffer>()  // b_data U8 (sm90-packed)
+                                  .Arg<ffi::AnyBuffer>()  // b_scales F8E4M3FN
+                                  .Arg<ffi::AnyBuffer>()  // b_g [] F32
+                                  .Arg<ffi::AnyBuffer>()  // residual [M, N] BF16, or empty
+                                  .Ret<ffi::AnyBuffer>()  // out [M, N]
+                                  .Ret<ffi::AnyBuffer>()  // decoded [M, K] BF16 (scratch)
+                                  .Ret<ffi::AnyBuffer>()  // g_ab [] F32 (scratch)
                                   .Attr<int32_t>("b_sf_layout")
                                   .Attr<int32_t>("b_packing"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -58,6 +58,7 @@
 #include "jaxfp4/format.h"
 #include "jaxfp4/registry.h"
 #include "../device.cuh"
+#include "quantize_decoded.h"
 #include "quantize_kernels.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -214,7 +215,7 @@ ffi::Error launch_quantize_layout(cudaStream_t stream, int32_t sf_layout, const 
 }
 
 template <typename T>
-ffi::Error launch_quantize_decoded_as(cudaStream_t stream, const QuantizeParams& p) {
+ffi::Error launch_quantize_decoded_as(cudaStream_t stream, const QuantizeParams& p, bool programmatic) {
   const int dev = current_device();
   static std::atomic<int> occupancy[kMaxDevices];
   auto kernel = quantize_decoded_kernel<T>;
@@ -224,18 +225,18 @@ ffi::Error launch_quantize_decoded_as(cudaStream_t stream, const QuantizeParams&
   // least one CTA, which also writes g * g_b.
   const int64_t want = (4 * static_cast<int64_t>(p.blocks) + kThreads - 1) / kThreads;
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sm_count(dev)} * per_sm)));
-  const cudaError_t err = launch_dependent(kernel, dim3(blocks), dim3(kThreads), 0, stream, p);
+  const cudaError_t err = launch_dependent_if(programmatic, kernel, dim3(blocks), dim3(kThreads), 0, stream, p);
   if (err != cudaSuccess) {
     return ffi::Error::Internal(std::string("jaxfp4 quantize_decoded launch: ") + cudaGetErrorString(err));
   }
   return ffi::Error::Success();
 }
 
-ffi::Error launch_quantize_decoded(cudaStream_t stream, InputType type, const QuantizeParams& p) {
+ffi::Error launch_quantize_decoded(cudaStream_t stream, InputType type, const QuantizeParams& p, bool programmatic) {
   switch (type) {
-    case kF32: return launch_quantize_decoded_as<float>(stream, p);
-    case kBF16: return launch_quantize_decoded_as<__nv_bfloat16_raw>(stream, p);
-    default: return launch_quantize_decoded_as<__half>(stream, p);
+    case kF32: return launch_quantize_decoded_as<float>(stream, p, programmatic);
+    case kBF16: return launch_quantize_decoded_as<__nv_bfloat16_raw>(stream, p, programmatic);
+    default: return launch_quantize_decoded_as<__half>(stream, p, programmatic);
   }
 }
 
@@ -323,13 +324,15 @@ ffi::Error QuantizeDynamicImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Resul
   return launch_quantize(stream, type, sf_layout, p);
 }
 
-ffi::Error QuantizeDecodedImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer g_b,
-                               ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> g_ab) {
+}  // namespace
+
+ffi::Error run_quantize_decoded(cudaStream_t stream, const ffi::AnyBuffer& x, const ffi::AnyBuffer& g,
+                                const ffi::AnyBuffer& g_b, ffi::AnyBuffer out, ffi::AnyBuffer g_ab, bool programmatic) {
   if (g.element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("jaxfp4_quantize_decoded: g must be F32");
   }
-  const auto gbd = g_b.dimensions(), gad = g_ab->dimensions(), gd = g.dimensions();
-  bool same = g_b.element_type() == ffi::DataType::F32 && g_ab->element_type() == ffi::DataType::F32 &&
+  const auto gbd = g_b.dimensions(), gad = g_ab.dimensions(), gd = g.dimensions();
+  bool same = g_b.element_type() == ffi::DataType::F32 && g_ab.element_type() == ffi::DataType::F32 &&
               gbd.size() == gd.size() && gad.size() == gd.size();
   for (size_t i = 0; same && i < gd.size(); ++i) same = gbd[i] == gd[i] && gad[i] == gd[i];
   if (!same) {
@@ -339,19 +342,26 @@ ffi::Error QuantizeDecodedImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBu
   QuantizeParams p{};
   InputType type;
   if (auto err = prepare("jaxfp4_quantize_decoded", x, gd.begin(), static_cast<int64_t>(gd.size()), nullptr, nullptr,
-                         &*out, 0, &p, &type);
+                         &out, 0, &p, &type);
       err.failure()) {
     return err;
   }
-  if (!aligned(g.untyped_data(), 4) || !aligned(g_b.untyped_data(), 4) || !aligned(g_ab->untyped_data(), 4)) {
+  if (!aligned(g.untyped_data(), 4) || !aligned(g_b.untyped_data(), 4) || !aligned(g_ab.untyped_data(), 4)) {
     return ffi::Error::InvalidArgument("jaxfp4_quantize_decoded: g, g_b and g * g_b must be 4-byte aligned");
   }
   p.g = static_cast<const float*>(g.untyped_data());
   p.g_b = static_cast<const float*>(g_b.untyped_data());
-  p.g_ab = static_cast<float*>(g_ab->untyped_data());
+  p.g_ab = static_cast<float*>(g_ab.untyped_data());
   p.g_count = static_cast<int64_t>(g.element_count());
   record_kernel("quantize", "sm90_quantize_decoded");  // after validation: a rejected call ran nothing
-  return launch_quantize_decoded(stream, type, p);
+  return launch_quantize_decoded(stream, type, p, programmatic);
+}
+
+namespace {
+
+ffi::Error QuantizeDecodedImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer g_b,
+                               ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> g_ab) {
+  return run_quantize_decoded(stream, x, g, g_b, *out, *g_ab, true);
 }
 
 }  // namespace
