@@ -26,8 +26,8 @@ import numpy as np
 from jaxfp4 import format as fmt
 from jaxfp4 import ops
 from jaxfp4._checks import check_float_dtype, check_k, decode_scalar, is_float
-from jaxfp4.dot_general import NVFP4DotGeneral, check_mode
 from jaxfp4.chain import Link
+from jaxfp4.dot_general import NVFP4DotGeneral, check_mode
 from jaxfp4.fused import PROLOGUES, Prologue, add_residual
 from jaxfp4.packing import packed_shapes
 from jaxfp4.primitives.gemm import PACKING_IDS

@@ -152,3 +152,27 @@ def test_dense_link_errors():
         k = 40 if "K=40" in match else 32
         with pytest.raises(ValueError, match=match):
             dense.init(jax.random.key(0), x[:, :k] if k == 32 else jnp.ones((1, 40)), method=lambda m, x: m.link(k))
+
+
+def test_chain_kernel_choice(rng):
+    """The CUDA lowering: one jaxfp4_gemm_chain call where every link is one fused kernel
+    (prepared weights, bf16, prologues at M = 1, at most MAX_LINKS links), else the links
+    as separate ops; the CPU always runs the links one by one."""
+    from jax.core import ShapedArray
+    from jaxfp4.primitives import gemm_chain
+
+    tail, square = _decoder_tail(rng), _weights(rng, 48, 48)
+
+    def choice(m, platform="cuda", links=None):
+        attn, x = _act(rng, (m, 32)), _act(rng, (m, 48))
+        fn = (lambda attn, x: jaxfp4.matmul_chain(attn, tail(x))) if links is None else \
+            (lambda attn, x: jaxfp4.matmul_chain(x, links))
+        (eqn,) = _chain_eqns(fn, attn, x)
+        avals = [ShapedArray(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+        return gemm_chain._choose(platform, avals, eqn.params)
+
+    assert choice(1) is None  # native
+    assert choice(2)[1] is gemm_chain._compose  # the RMSNorm prologue is fused at M = 1 only
+    assert choice(1, "cpu")[1] is gemm_chain._compose
+    assert choice(2, links=[jaxfp4.Link(square)] * 8) is None  # residual-only links: up to 32 rows
+    assert gemm_chain.MAX_LINKS == 8 and choice(2, links=[jaxfp4.Link(square)] * 9)[1] is gemm_chain._compose
