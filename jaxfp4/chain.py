@@ -64,7 +64,7 @@ def matmul_chain(a: jax.Array, links: Sequence[Link], *, out_dtype: Any = jnp.bf
         if not isinstance(link.weight, NVFP4Tensor):
             raise TypeError(f"links[{i}].weight must be an NVFP4Tensor, got {describe(link.weight)}")
         r = link.residual
-        if isinstance(r, (bool, np.bool_)) or (isinstance(r, (int, np.integer)) and not 0 <= r < i):
+        if isinstance(r, (bool, np.bool_)) or (_link_index(r) is not None and not 0 <= r < i):
             raise ValueError(f"links[{i}].residual: an int names an earlier link's output (0 <= j < {i}), got {r!r}")
     out_dt = check_float_dtype(out_dtype, "out_dtype")
     calls = _fused_calls(a, links, out_dt)
@@ -72,17 +72,18 @@ def matmul_chain(a: jax.Array, links: Sequence[Link], *, out_dtype: Any = jnp.bf
         outs: list[jax.Array] = []
         x = a
         for link in links:
-            r = outs[link.residual] if isinstance(link.residual, (int, np.integer)) else link.residual
+            j = _link_index(link.residual)
+            r = link.residual if j is None else outs[j]
             x = ops.matmul(x, link.weight, input_scale=link.input_scale, out_dtype=out_dt, prologue=link.prologue,
                            residual=r)
             outs.append(x)
         return outs
     f0 = calls[0]
     operands = [jnp.broadcast_to(a, (*f0.lead, f0.m, f0.k_in)).reshape(f0.rows, f0.k_in)]
-    for f, link in zip(calls, links):
-        arr = link.residual is not None and not isinstance(link.residual, (int, np.integer))
-        operands += [*f.operands, link.residual.reshape(f.rows, f.n) if arr else jnp.zeros((0,), out_dt)]
-    res_from = tuple(int(link.residual) if isinstance(link.residual, (int, np.integer)) else -1 for link in links)
+    res_from = tuple(-1 if (j := _link_index(link.residual)) is None else j for link in links)
+    for f, link, j in zip(calls, links, res_from):
+        array = link.residual is not None and j < 0
+        operands += [*f.operands, link.residual.reshape(f.rows, f.n) if array else jnp.zeros((0,), out_dt)]
     outs = gemm_chain_p.bind(*operands, links=tuple(tuple(sorted(f.params.items())) for f in calls),
                              res_from=res_from)
     return [y.reshape(*f.lead, f.m, f.n) for y, f in zip(outs, calls)]
@@ -94,9 +95,9 @@ def _fused_calls(a: Any, links: Sequence[Link], out_dt: Any) -> list[ops.FusedCa
     calls: list[ops.FusedCall] = []
     x = a
     for i, link in enumerate(links):
-        r = link.residual
-        if isinstance(r, (int, np.integer)):  # link r's output (checked: r < i, so calls[r] exists)
-            r = jax.ShapeDtypeStruct((*calls[r].lead, calls[r].m, calls[r].n), out_dt)
+        r, j = link.residual, _link_index(link.residual)
+        if j is not None:  # link j's output (checked: j < i, so calls[j] exists)
+            r = jax.ShapeDtypeStruct((*calls[j].lead, calls[j].m, calls[j].n), out_dt)
         try:
             f = ops.fused_operands(x, link.weight, link.prologue, r, input_scale=link.input_scale,
                                    input_sf_layout=None, out_dtype=out_dt)
@@ -107,3 +108,10 @@ def _fused_calls(a: Any, links: Sequence[Link], out_dt: Any) -> list[ops.FusedCa
         calls.append(f)
         x = jax.ShapeDtypeStruct((*f.lead, f.m, f.n), out_dt)
     return calls
+
+
+def _link_index(residual: Any) -> int | None:
+    """The link a residual names (an int j), or None (an array, or no residual)."""
+    if isinstance(residual, (int, np.integer)) and not isinstance(residual, (bool, np.bool_)):
+        return int(residual)
+    return None

@@ -251,12 +251,11 @@ def fused_operands(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: 
         lead = tuple(np.broadcast_shapes(tuple(a_lead), tuple(b.batch_shape)))
     except ValueError:
         raise ValueError(f"the leading batch axes of a {tuple(a_lead)} and b {b.batch_shape} do not broadcast") from None
-    out_dt = out_dtype
     if residual is not None:
         if not hasattr(residual, "shape"):
             residual = jnp.asarray(residual)
-        if residual.dtype != out_dt:
-            raise TypeError(f"residual must have out_dtype {np.dtype(out_dt).name}, got {residual.dtype}")
+        if residual.dtype != out_dtype:
+            raise TypeError(f"residual must have out_dtype {np.dtype(out_dtype).name}, got {residual.dtype}")
         if tuple(residual.shape) != (*lead, m, n):
             raise ValueError(f"residual must have the output's shape {(*lead, m, n)}, got {tuple(residual.shape)}")
     g_a = input_scale
@@ -272,7 +271,7 @@ def fused_operands(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: 
     params = dict(prologue=kind, eps=prologue.eps if kind == "rms_norm" else 0.0, quantize_a=g_a is not None,
                   a_sf_layout=None if g_a is None else (
                       input_sf_layout or fmt.activation_sf_layout(rows, SMALL_M_MAX)),
-                  b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dt)
+                  b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dtype)
     return FusedCall((norm_w, a_g, data, scales, b.global_scale.reshape(())), params, lead, m, n, k_in)
 
 

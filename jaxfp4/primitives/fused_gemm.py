@@ -17,8 +17,8 @@ the in-kernel quantization's, W4A4 M <= 8; a prologue only for M <=
 PROLOGUE_MAX_M); a prologue it cannot take runs in jnp before the fused op
 with the residual alone (`_prologue_then_fused`); W4A4 with a residual at
 rows the fused kernel cannot quantize itself (gemm.quantize_decoded_fits)
-quantizes and decodes in one launch and stores the residual in the W4A16
-kernel (`_quantized_then_fused`); everywhere else the
+is one call that quantizes and decodes, then stores the residual in the W4A16
+kernel (gemm.w4a4_decoded, `_quantized_then_fused`); everywhere else the
 composition `_compose`: the prologue in jnp, gemm_p (whatever kernel it
 picks), the residual added by XLA. The two agree bit for bit in the residual add; the staged prologue values
 may differ by one bf16 ulp (jaxfp4/fused.py), and W4A4 then quantizes them.
@@ -130,13 +130,12 @@ def quantized_then_fused_ops(a, norm_weight, a_g, b_data, b_scales, b_g, residua
 
 def _choose(platform, avals_in, params):
     a, norm_weight, *_, residual = avals_in
-    m, k = a.shape[0], params["b_shape"][1]
-    fits = partial(fused_fits, m, k, a_dtype=a.dtype, norm_dtype=norm_weight.dtype, out_dtype=params["out_dtype"],
-                   has_residual=residual.size > 0, b_packing=params["b_packing"], quantize_a=params["quantize_a"])
-    if platform == "cuda" and fits(params["prologue"]):
+    m = a.shape[0]
+    fits = partial(native_fits, m, a.dtype, norm_weight.dtype, residual.size > 0)
+    if platform == "cuda" and fits(params):
         return None
     if (platform == "cuda" and params["prologue"] != "none" and (residual.size > 0 or params["quantize_a"])
-            and fits("none")):
+            and fits({**params, "prologue": "none"})):
         return "prologue, then gemm + residual (fused)", _prologue_then_fused
     if (platform == "cuda" and params["quantize_a"] and residual.size > 0 and quantize_decoded_fits(m, params["b_packing"])
             and np.dtype(params["out_dtype"]) == np.dtype(jnp.bfloat16)):

@@ -21,8 +21,9 @@ kernel with g_a * g_b as the weights' global scale: the same products and
 float32 sums as the W4A4 kernel's, which decodes every activation code again
 for every weight tile it multiplies. a is decoded by XLA when it comes
 quantized (mode w4a4); w4a4_quantize_a that the GEMM kernel cannot quantize
-itself runs, at any M <= SMALL_M_MAX, as the quantize_decoded kernel (the
-decode and g_a * g_b in the launch that quantizes a) and the W4A16 kernel.
+itself runs, at any M <= SMALL_M_MAX, as one call (w4a4_decoded) of the
+quantize_decoded kernel (the decode and g_a * g_b in the launch that quantizes
+a) and the W4A16 kernel.
 """
 
 from __future__ import annotations
@@ -189,17 +190,12 @@ def quantize_decoded_fits(m: int, b_packing) -> bool:
     return b_packing == "sm90" and m <= SMALL_M_MAX
 
 
-def decoded_for_a16(a_data, a_scales, a_sf_layout, a_g, b_g):
-    """The W4A16 operands of a W4A4 product: a's exact values in bf16 (e2m1 x SF has
-    at most 6 significant bits, 2^-10 .. 2688) and g_a * g_b, the float32 product
-    the W4A4 kernel and the reference scale by."""
-    a = reference.dequantize_unscaled(a_data, a_scales, a_sf_layout).astype(jnp.bfloat16)
-    return a, a_g.astype(jnp.float32) * b_g.astype(jnp.float32)
-
-
 def _a4_as_a16(a_data, a_scales, a_g, b_data, b_scales, b_g, *, a_sf_layout, **params):
-    """W4A4 as the W4A16 kernel on a's exact values."""
-    a, g = decoded_for_a16(a_data, a_scales, a_sf_layout, a_g, b_g)
+    """W4A4 as the W4A16 kernel on a's exact values: e2m1 x SF is exact in bf16
+    (at most 6 significant bits, 2^-10 .. 2688), and g_a * g_b is the float32
+    product the W4A4 kernel and the reference scale by."""
+    a = reference.dequantize_unscaled(a_data, a_scales, a_sf_layout).astype(jnp.bfloat16)
+    g = a_g.astype(jnp.float32) * b_g.astype(jnp.float32)
     return gemm_p.bind(a, b_data, b_scales, g, **{**params, "mode": "w4a16", "a_sf_layout": None})
 
 
