@@ -37,6 +37,9 @@
 #ifndef JAXFP4_PK_STAGES_N8
 #define JAXFP4_PK_STAGES_N8 3  // ring stages for M <= 8
 #endif
+#ifndef JAXFP4_ACT_AHEAD_MAX_NT
+#define JAXFP4_ACT_AHEAD_MAX_NT 1  // the most token tiles that load activations an item ahead
+#endif
 #ifndef JAXFP4_PK_CPI_N8
 #define JAXFP4_PK_CPI_N8 2  // chunks per consumer warp and item for M <= 8
 #endif
@@ -327,12 +330,49 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   const int64_t item_act = static_cast<int64_t>(nc) * kCpi * (A4 ? kChunk / 2 : kChunk * 2);  // bytes per item
   const int64_t item_asf = static_cast<int64_t>(nc) * kCpi * p.a_sf_cstride;
 
+  // Activations from global memory are loaded one item ahead (kAhead) with one
+  // token tile: loaded right before use, their L2 latency was exposed after one
+  // item's dequantization (H100 driver, M = 1-8: 1.5-8% faster ahead, most on
+  // the small 4096- and 6144-row weights). With 2 token tiles it gained nothing
+  // (the time there is not the loads' latency, benchmarks/kernel/NOTES.md); with
+  // 4 the extra registers spill.
+  constexpr bool kAhead = ACT == kActGlobal && NT <= JAXFP4_ACT_AHEAD_MAX_NT;
+  constexpr bool kCursor = ACT == kActGlobal && !kAhead;  // incremental pointers (fewer registers)
+  // The lane's activations of K item `ik` (of any group: every group walks the same K).
+  auto load_item = [&](ActStage<NT, A4>(&dst)[kCpi], const uint8_t* const (&aq)[NT],
+                       const uint8_t* const (&asq)[NT], int ik) {
+    const int c = ik * nc * kCpi + warp * kCpi;
+    const int mine = min(kCpi, p.chunks - c);
+    if (mine == kCpi && (p.C % 4 == 0 || c + kCpi < p.chunks)) {
+#pragma unroll
+      for (int ci = 0; ci < kCpi; ++ci) load_act<NT, A4, false>(dst[ci], aq, asq, ci, p.a_sf_cstride, true);
+    } else {
+#pragma unroll
+      for (int ci = 0; ci < kCpi; ++ci) {
+        const bool blk_ok = ci < mine && 4 * (c + ci) + t < p.C;
+        load_act<NT, A4, true>(dst[ci], aq, asq, ci, p.a_sf_cstride, blk_ok);
+      }
+    }
+  };
+  auto load_item_at = [&](ActStage<NT, A4>(&dst)[kCpi], int ik) {  // pointers from ik
+    const uint8_t* aq[NT];
+    const uint8_t* asq[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      aq[nt] = pro.ap[nt] + ik * item_act;
+      asq[nt] = A4 ? pro.asp[nt] + ik * item_asf : pro.asp[nt];
+    }
+    load_item(dst, aq, asq, ik);
+  };
+  ActStage<NT, A4> ahead[kCpi];
+  if constexpr (kAhead) load_item_at(ahead, 0);
+
   int qc = 0;          // ring stage of the item being computed
   uint32_t phase = 0;  // `full` parity of the ring's current round
   for (int grp = 0; grp < ngroups; ++grp) {
     const int tile0 = t_begin + grp * kTPW;
     const bool pair = tile0 + 1 < t_end;  // uniform over the CTA: else a one-tile group
-    // Activation pointers of this item's first chunk (advanced per item, reset per group).
+    // kCursor: activation pointers of this item's first chunk (advanced per item, reset per group).
     const uint8_t* aq[NT];
     const uint8_t* asq[NT];
 #pragma unroll
@@ -355,20 +395,21 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
           at[ci].act[0][0] = in ? lds128(a0 + ci * kChunk * 2) : make_uint4(0, 0, 0, 0);
           at[ci].act[0][1] = in ? lds128(a0 + ci * kChunk * 2 + 16) : make_uint4(0, 0, 0, 0);
         }
-      } else if (mine == kCpi && (p.C % 4 == 0 || c + kCpi < p.chunks)) {
+      } else if constexpr (kAhead) {
 #pragma unroll
-        for (int ci = 0; ci < kCpi; ++ci) load_act<NT, A4, false>(at[ci], aq, asq, ci, p.a_sf_cstride, true);
-      } else {
-#pragma unroll
-        for (int ci = 0; ci < kCpi; ++ci) {
-          const bool blk_ok = ci < mine && 4 * (c + ci) + t < p.C;
-          load_act<NT, A4, true>(at[ci], aq, asq, ci, p.a_sf_cstride, blk_ok);
+        for (int ci = 0; ci < kCpi; ++ci) at[ci] = ahead[ci];
+        if (it + 1 < items) {
+          load_item_at(ahead, it + 1);
+        } else if (grp + 1 < ngroups) {
+          load_item_at(ahead, 0);  // the next group's first item
         }
-      }
+      } else {  // kCursor
+        load_item(at, aq, asq, it);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        aq[nt] += item_act;
-        if constexpr (A4) asq[nt] += item_asf;
+        for (int nt = 0; nt < NT; ++nt) {
+          aq[nt] += item_act;
+          if constexpr (A4) asq[nt] += item_asf;
+        }
       }
       mbar_wait(full + 8 * qc, phase);  // this item's bytes have landed
       JAXFP4_TRACE_AT(threadIdx.x == 0 && grp == 0 && it == 0, 2);
