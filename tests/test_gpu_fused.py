@@ -383,9 +383,9 @@ def test_chain_handler_rejects_what_it_cannot_run(rng):
     ops = [_dev(x) for x in [a, *link(128, 64), *link(32, 64)]]
     attrs = dict(eps=np.zeros(2, np.float32), b_sf_layout=np.full(2, fmt.SF_LAYOUT_IDS["linear"], np.int32),
                  b_packing=np.ones(2, np.int32), res_from=np.array([-1, -1], np.int32))
-    with pytest.raises(Exception, match=r"jaxfp4 gemm chain \(cuda\), link 1: "):
+    with pytest.raises(Exception, match=r"jaxfp4 gemm \(cuda\): chain link 1: "):
         jax.block_until_ready(call(*ops, prologue=np.array([0, 0], np.int32), **attrs))
-    with pytest.raises(Exception, match=r"gemm chain \(cuda\), link 0: a fused prologue or W4A4 needs M <= 8"):
+    with pytest.raises(Exception, match=r"gemm \(cuda\): chain link 0: a fused prologue or W4A4 needs M <= 8"):
         jax.block_until_ready(call(*ops, prologue=np.array([2, 0], np.int32), **attrs))
     with pytest.raises(Exception, match="res_from must name an earlier link"):
         jax.block_until_ready(call(*ops, prologue=np.array([0, 0], np.int32),

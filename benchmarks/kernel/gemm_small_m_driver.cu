@@ -23,15 +23,6 @@
 using namespace jaxfp4;
 using namespace jaxfp4::sm90_gemm;
 
-// gemm_small_m.cu's jaxfp4_gemm_w4a4_decoded handler launches quantize.cu's
-// kernel; this driver runs the GEMM kernels, not that handler, and quantize.cu
-// does not build beside bench_stream.cu in one translation unit.
-xla::ffi::Error jaxfp4::run_quantize_decoded(cudaStream_t, const xla::ffi::AnyBuffer&, const xla::ffi::AnyBuffer&,
-                                             const xla::ffi::AnyBuffer&, xla::ffi::AnyBuffer, xla::ffi::AnyBuffer,
-                                             bool) {
-  return xla::ffi::Error::Internal("run_quantize_decoded: not in the GEMM driver");
-}
-
 // ---- packing (mirror of jaxfp4/packing.py) ----
 static const int kSB[4] = {13, 12, 15, 14};
 static void pack_cpu(const std::vector<uint8_t>& data, const std::vector<uint8_t>& sf_lin, int N, int K,

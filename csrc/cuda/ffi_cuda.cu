@@ -15,7 +15,7 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4QuantizeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4QuantizeDynamicCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4QuantizeDecodedCuda);
-// Defined in csrc/cuda/sm90/gemm_small_m.cu.
+// Defined in csrc/cuda/sm90/gemm_small_m_ffi.cu.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A4Cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A16Cuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A4QuantizeACuda);

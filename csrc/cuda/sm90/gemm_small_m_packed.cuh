@@ -337,7 +337,6 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   // (the time there is not the loads' latency, benchmarks/kernel/NOTES.md); with
   // 4 the extra registers spill.
   constexpr bool kAhead = ACT == kActGlobal && NT <= JAXFP4_ACT_AHEAD_MAX_NT;
-  constexpr bool kCursor = ACT == kActGlobal && !kAhead;  // incremental pointers (fewer registers)
   // The lane's activations of K item `ik` (of any group: every group walks the same K).
   auto load_item = [&](ActStage<NT, A4>(&dst)[kCpi], const uint8_t* const (&aq)[NT],
                        const uint8_t* const (&asq)[NT], int ik) {
@@ -372,7 +371,8 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   for (int grp = 0; grp < ngroups; ++grp) {
     const int tile0 = t_begin + grp * kTPW;
     const bool pair = tile0 + 1 < t_end;  // uniform over the CTA: else a one-tile group
-    // kCursor: activation pointers of this item's first chunk (advanced per item, reset per group).
+    // Without kAhead: activation pointers of this item's first chunk (advanced per
+    // item, reset per group; fewer registers than pointers computed per item).
     const uint8_t* aq[NT];
     const uint8_t* asq[NT];
 #pragma unroll
@@ -403,7 +403,7 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
         } else if (grp + 1 < ngroups) {
           load_item_at(ahead, 0);  // the next group's first item
         }
-      } else {  // kCursor
+      } else {  // from global memory, not ahead
         load_item(at, aq, asq, it);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {

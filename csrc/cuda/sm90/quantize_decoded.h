@@ -1,5 +1,5 @@
 // jaxfp4_quantize_decoded's launch for handlers that run it with other kernels
-// in one call (gemm_small_m.cu's jaxfp4_gemm_w4a4_decoded). Defined in quantize.cu.
+// in one call (gemm_small_m_ffi.cu's jaxfp4_gemm_w4a4_decoded). Defined in quantize.cu.
 #pragma once
 
 #include <cuda_runtime.h>
