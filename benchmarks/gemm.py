@@ -2,6 +2,13 @@
 benchmark-protocol.md: every method timed side by side in one process on one
 card, as R python-unrolled calls inside one jitted function (no host sync
 between them), divided by R; the median of >= 10 runs after two warm-up runs.
+On a GPU (--timing clock, the default there) each execution is bracketed by
+two jaxfp4_bench_clock calls that read the GPU's %globaltimer: the time from
+the first to the last is the R calls' device time, whatever the host's
+dispatch costs (for R small GEMMs with several operands each the host's
+dispatch of an execution is about as long as its GPU time, and host-timed runs
+then measured the host: cells moved by up to ~30% between runs). Elsewhere
+(--timing host) host-timed executions, as follows.
 Every unrolled call gets its own activation AND its own weight copy (R copies,
 far more than 2x the L2 cache): XLA merges dots that share an operand
 (DotMerger) and reuses a dequantized weight across calls (CSE), which would
@@ -213,29 +220,73 @@ def _enqueue(many, args, times: int) -> float:
     return dt
 
 
+def _clock(*deps):
+    """The GPU's %globaltimer (U32 [2]: low, high word, ns) once the stream has
+    reached this point; deps only order it (jaxfp4_bench_clock, CUDA only)."""
+    return jax.ffi.ffi_call("jaxfp4_bench_clock", jax.ShapeDtypeStruct((2,), jnp.uint32))(*deps)
+
+
 @functools.lru_cache(maxsize=4)
-def unrolled(call, r: int, nw: int, chain: bool = False):
+def unrolled(call, r: int, nw: int, chain: bool = False, clock: bool = False):
     """The jitted function of R python-unrolled calls: call i gets acts[i] and
     weights[i % nw]. chain: call i's activation passes through an optimization
     barrier with call i-1's output, so XLA cannot fuse independent calls into one
     kernel (horizontal fusion of elementwise ops); the barrier itself costs nothing.
+    clock: it also returns (t0, t1), _clock() before every call (each call's
+    operands pass through a barrier with t0) and after all of them.
     Cached, so that timing a call twice (time_calls, then device_time_calls)
     compiles it once."""
     @jax.jit
     def many(acts, weights):
+        t0 = _clock(*jax.tree.leaves((acts[0], weights[0]))[:1]) if clock else None
         outs = []
         for i in range(r):
-            a = acts[i]
+            a, w = acts[i], weights[i % nw]
+            if clock:
+                (a, w), _ = lax.optimization_barrier(((a, w), t0))
             if chain and outs:
                 a, _ = lax.optimization_barrier((a, outs[-1]))
-            outs.append(call(a, weights[i % nw]))
+            outs.append(call(a, w))
+        if clock:
+            return outs, t0, _clock(*jax.tree.leaves(outs))
         return outs
     return many
 
 
+TIMING = {"mode": "host"}  # "host" or "clock" (main() sets it from --timing)
+
+
+def clock_available() -> bool:
+    """Whether jaxfp4_bench_clock can time on this backend (a CUDA build on a GPU)."""
+    return jax.default_backend() == "gpu" and "jaxfp4_bench_clock" in jaxfp4.backend_info()["targets"].get("cuda", [])
+
+
+def _ns(t) -> int:
+    lo, hi = (int(v) for v in np.asarray(t))
+    return hi << 32 | lo
+
+
+def clock_calls(call, acts: list, weights: list, runs: int, chain: bool = False) -> float:
+    """Median device seconds per call of `call(act, weight)`, R = len(acts) unrolled
+    calls in one jit, from the GPU clock read before the first and after the last."""
+    r = len(acts)
+    many = unrolled(call, r, len(weights), chain, clock=True)
+    args = (acts, weights)
+    jax.block_until_ready(many(*args))  # compile + warm up
+    jax.block_until_ready(many(*args))
+    times = []
+    for _ in range(runs):
+        _, t0, t1 = many(*args)
+        times.append((_ns(t1) - _ns(t0)) * 1e-9 / r)
+    return statistics.median(times)
+
+
 def time_calls(call, acts: list, weights: list, runs: int, big: bool = False, chain: bool = False) -> float:
     """Median seconds per call of `call(act, weight)`, R = len(acts) unrolled calls
-    in one jit (see `unrolled`)."""
+    in one jit (see `unrolled`): on the GPU clock with TIMING "clock", else
+    host-timed executions."""
+    if TIMING["mode"] == "clock":
+        return clock_calls(call, acts, weights, runs, chain)
     r = len(acts)
     many = unrolled(call, r, len(weights), chain)
     args = (acts, weights)
@@ -422,12 +473,13 @@ def tflops(m, n, k, us):
 def command_lines(env: dict, bw: float, argv: str, shapes, runs_by_shape: dict | None) -> list[str]:
     """The command (and git, copy bandwidth) behind each shape: one line when this
     run made them all, else one per earlier run merged in (--merge)."""
-    this = {"command": argv, "git": env["git"], "copy_tbps": round(bw / 1e12, 2)}
+    this = {"command": argv, "git": env["git"], "copy_tbps": round(bw / 1e12, 2), "timing": TIMING["mode"]}
     runs = [(runs_by_shape or {}).get(f"{n}x{k}", this) for n, k in shapes]
     if all(r == this for r in runs):
-        return [f"- command: `python benchmarks/gemm.py {argv}` (git {env['git']})"]
+        return [f"- command: `python benchmarks/gemm.py {argv}` (git {env['git']}; timing: {TIMING['mode']})"]
     return [f"- N={n}, K={k}: `python benchmarks/gemm.py {r['command']}` (git {r['git']}; copy bandwidth "
-            f"in that run {r['copy_tbps']:.2f} TB/s)" for (n, k), r in zip(shapes, runs)]
+            f"in that run {r['copy_tbps']:.2f} TB/s; timing: {r.get('timing', 'host')})"
+            for (n, k), r in zip(shapes, runs)]
 
 
 def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_dir: Path, argv: str,
@@ -445,8 +497,10 @@ def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_di
              *command_lines(env, bw, argv, shapes, runs_by_shape),
              "- timing: R python-unrolled calls in one jit (R = 48 for M <= 32, 24 to M = 256, 8 to 1024, "
              "else 4), each call with its own activation and its own weight copy (R copies: far over 2x L2; "
-             "no DotMerger/CSE sharing), host-synchronised once per batch of executions; per-call time = "
-             "(T(E2 executions) - T(E1)) / ((E2 - E1) R), median of the runs",
+             "no DotMerger/CSE sharing); per-call time, median of the runs: `clock` (t1 - t0) / R with t0, t1 "
+             "the GPU's %globaltimer read by jaxfp4_bench_clock before the first and after the last call of "
+             "an execution, or `host` (T(E2 executions) - T(E1)) / ((E2 - E1) R), host-synchronised once per "
+             "batch of executions",
              "- `floor x`: time / read-floor time (the same NVFP4 weight bytes streamed by "
              "jaxfp4_bench_stream_read), M <= 32 only; `vs bf16` and `vs best other`: speed-up "
              "(other time / this time) over xla_bf16 and over the fastest non-jaxfp4 method of the row",
@@ -597,7 +651,13 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="keep the other shapes of an earlier run on the same card (<card>.json in the "
                          "results folder) in the report: for shapes measured in separate runs")
+    ap.add_argument("--timing", choices=("auto", "clock", "host"), default="auto",
+                    help="clock: the GPU's clock around each execution's R calls (jaxfp4_bench_clock); "
+                         "host: host-timed executions; auto (default): clock where available")
     args = ap.parse_args(argv)
+    if args.timing == "clock" and not clock_available():
+        ap.error("--timing clock needs a GPU and a jaxfp4 build with CUDA kernels")
+    TIMING["mode"] = "clock" if args.timing == "clock" or (args.timing == "auto" and clock_available()) else "host"
     smoke = args.smoke
     shapes = (parse_shapes(args.shapes) if args.shapes else SMOKE_SHAPES if smoke
               else QUICK_SHAPES if args.quick else FULL_SHAPES)
@@ -615,7 +675,7 @@ def main(argv=None) -> int:
     info = jaxfp4.backend_info()
     print(f"# jaxfp4 cuda_build={info['cuda_build']} targets={info['targets'].get('cuda', [])}", flush=True)
     bw = copy_bandwidth(8 << 20, runs=2) if smoke else copy_bandwidth()
-    print(f"# device-to-device copy: {bw / 1e12:.2f} TB/s", flush=True)
+    print(f"# device-to-device copy: {bw / 1e12:.2f} TB/s; timing: {TIMING['mode']}", flush=True)
     cmdline = " ".join(sys.argv[1:] if argv is None else argv)
     results, runs_by_shape, done = [], {}, []
     if args.merge:
@@ -623,7 +683,7 @@ def main(argv=None) -> int:
         done = list(dict.fromkeys(r.shape for r in results))  # in the order they were measured
         print(f"# --merge: kept {len(results)} results of shapes {done}", flush=True)
     calls = (lambda m: 2) if smoke else calls_for
-    this_run = {"command": cmdline, "git": env["git"], "copy_tbps": round(bw / 1e12, 2)}
+    this_run = {"command": cmdline, "git": env["git"], "copy_tbps": round(bw / 1e12, 2), "timing": TIMING["mode"]}
     for i, (n, k) in enumerate(shapes):
         print(f"## N={n} K={k}", flush=True)
         results += bench_shape(n, k, ms, methods, runs, args.allow_fallback, lambda s: print(s, flush=True),

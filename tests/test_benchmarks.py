@@ -105,6 +105,49 @@ def test_gemm_rejects_unknown_methods(gemm, capsys):
     assert "jaxfp4_w4a4_8x4_packed" in capsys.readouterr().err  # lists the known names
 
 
+def _eqns(closed):
+    """The equations of a jitted function's body (inside its pjit)."""
+    (outer,) = closed.jaxpr.eqns
+    return outer.params["jaxpr"].jaxpr.eqns
+
+
+def test_gemm_clock_brackets_every_call(gemm):
+    """--timing clock: the first clock reads before every call (each call's
+    operands pass a barrier with its output) and the last one after all of them
+    (every output is its operand), so t1 - t0 spans the R calls and no more."""
+    r = 3
+    acts = [jnp.full((2, 4), i, jnp.float32) for i in range(r)]
+    weights = [jnp.ones((4, 5), jnp.float32)]
+    many = gemm.unrolled(lambda a, w: a @ w, r, 1, clock=True)
+    eqns = _eqns(jax.make_jaxpr(many)(acts, weights))
+    clocks = [i for i, e in enumerate(eqns) if e.primitive.name == "ffi_call"]
+    assert len(clocks) == 2 and all(eqns[i].params["target_name"] == "jaxfp4_bench_clock" for i in clocks)
+    t0 = eqns[clocks[0]].outvars[0]
+    barriers = [e for e in eqns if e.primitive.name == "optimization_barrier"]
+    assert len(barriers) == r and all(t0 in e.invars for e in barriers)
+    dots = [i for i, e in enumerate(eqns) if e.primitive.name == "dot_general"]
+    assert len(dots) == r and clocks[0] < min(dots) and max(dots) < clocks[1]
+    assert set(eqns[clocks[1]].invars) == {eqns[i].outvars[0] for i in dots}
+
+
+def test_gemm_clock_timing_needs_a_gpu(gemm, capsys, tmp_path):
+    if gemm.clock_available():
+        pytest.skip("a GPU with the clock target: --timing clock is valid here")
+    with pytest.raises(SystemExit):
+        gemm.main(["--smoke", "--timing", "clock", "--out", str(tmp_path)])
+    assert "--timing clock needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gemm_clock_times_device_work(gemm):
+    """The GPU clock moves forward across the calls, by a plausible amount."""
+    r = 4
+    acts = [jnp.full((256, 2048), 0.5 + i, jnp.bfloat16) for i in range(r)]
+    weights = [jnp.ones((2048, 2048), jnp.bfloat16) for _ in range(r)]
+    t = gemm.clock_calls(lambda a, w: a @ w, acts, weights, runs=3)
+    assert 0.0 < t < 0.1
+
+
 # ---- quantize.py -----------------------------------------------------------------------
 
 def test_quantize_method_names(qbench):

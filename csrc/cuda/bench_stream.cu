@@ -11,6 +11,13 @@
 // the result never depends on what the output held before (no atomics, no
 // zero-initialisation). The value is a checksum of part of the buffer, nothing
 // more: the kernel exists to be timed.
+//
+// Target `jaxfp4_bench_clock`: any operands (dependencies only, never read) ->
+// out U32 [2], the GPU's %globaltimer in ns (low word, high word) when the
+// stream reaches the call. Two of them around a jitted function's work time it
+// on the device, whatever the host's dispatch costs: where a call's host
+// dispatch is about as long as its GPU time (R small GEMMs, each with several
+// operands), host-timed executions measure the host (benchmarks/gemm.py).
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -108,6 +115,26 @@ ffi::Error BenchStreamReadImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Resul
   return ffi::Error::Success();
 }
 
+__global__ void clock_kernel(uint32_t* out) {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  out[0] = static_cast<uint32_t>(t);
+  out[1] = static_cast<uint32_t>(t >> 32);
+}
+
+ffi::Error BenchClockImpl(cudaStream_t stream, ffi::RemainingArgs, ffi::Result<ffi::AnyBuffer> out) {
+  if (out->element_type() != ffi::DataType::U32 || out->element_count() != 2) {
+    return ffi::Error::InvalidArgument("jaxfp4_bench_clock: out must be U32 with 2 elements");
+  }
+  // An ordinary launch: it starts after everything before it on the stream.
+  clock_kernel<<<1, 1, 0, stream>>>(static_cast<uint32_t*>(out->untyped_data()));
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jaxfp4_bench_clock launch: ") + cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace jaxfp4
 
@@ -116,4 +143,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4BenchStreamReadCuda, jaxfp4::BenchStreamRead
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()   // x U8 (the weight bytes)
                                   .Ret<ffi::AnyBuffer>(),  // out F32 [R]: R launches
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4BenchClockCuda, jaxfp4::BenchClockImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .RemainingArgs()         // dependencies (not read)
+                                  .Ret<ffi::AnyBuffer>(),  // out U32 [2]: %globaltimer, ns
                               {ffi::Traits::kCmdBufferCompatible});

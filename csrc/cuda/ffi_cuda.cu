@@ -24,6 +24,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmChainCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4GemmW4A4DecodedCuda);
 // Defined in csrc/cuda/bench_stream.cu.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4BenchStreamReadCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFp4BenchClockCuda);
 
 namespace jaxfp4 {
 
@@ -39,6 +40,7 @@ std::vector<FfiTarget> cuda_targets() {
       {"jaxfp4_gemm_chain", reinterpret_cast<void*>(&JaxFp4GemmChainCuda)},
       {"jaxfp4_gemm_w4a4_decoded", reinterpret_cast<void*>(&JaxFp4GemmW4A4DecodedCuda)},
       {"jaxfp4_bench_stream_read", reinterpret_cast<void*>(&JaxFp4BenchStreamReadCuda)},
+      {"jaxfp4_bench_clock", reinterpret_cast<void*>(&JaxFp4BenchClockCuda)},
   };
 }
 
