@@ -123,6 +123,12 @@ def quantize_params(params: Any, *, mode: str = "w4a16", packing: str | None = N
     return walk(params, ())
 
 
+def _check_prologue(prologue: Any, where: str) -> None:
+    if prologue is not None and not isinstance(prologue, PROLOGUES):
+        raise TypeError(f"{where}: prologue must be jaxfp4.RMSNorm, jaxfp4.SwiGLU or None, "
+                        f"got {type(prologue).__name__}")
+
+
 class _LinkRequest(NamedTuple):
     """What Dense.link passes to __call__: a link of this input width, not an application."""
     in_features: int
@@ -266,9 +272,7 @@ class Dense(nn.Module):
             return self._link(x.in_features, prologue, residual)
         x = self._check_x(x)
         where = self._where()
-        if prologue is not None and not isinstance(prologue, PROLOGUES):
-            raise TypeError(f"{where}: prologue must be jaxfp4.RMSNorm, jaxfp4.SwiGLU or None, "
-                            f"got {type(prologue).__name__}")
+        _check_prologue(prologue, where)
         k_in, lead = x.shape[-1], tuple(x.shape[:-1])
         k = k_in // prologue.in_features(1) if prologue is not None else k_in
         if residual is not None and (tuple(jnp.shape(residual)) != (*lead, self.features)
@@ -313,9 +317,7 @@ class Dense(nn.Module):
         if self.mode == "w4a4" and not self.static_input_scale:
             raise ValueError(f"{where}: a w4a4 chain link needs static_input_scale=True (the chain cannot "
                              "compute a dynamic global scale between its links)")
-        if prologue is not None and not isinstance(prologue, PROLOGUES):
-            raise TypeError(f"{where}: prologue must be jaxfp4.RMSNorm, jaxfp4.SwiGLU or None, "
-                            f"got {type(prologue).__name__}")
+        _check_prologue(prologue, where)
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"{where}: in_features must be a positive int, got {k!r}")
         check_k(k, where, "in_features, K={k},")

@@ -171,6 +171,17 @@ def test_w4a4_residual_at_decoded_rows(rng, m, prologue):
     separate ops; and the CUDA lowering's choice."""
     from jax.core import ShapedArray
     from jaxfp4.primitives import fused_gemm
+    from jaxfp4.primitives.quantize import quantize_decoded_p
+
+    def quantized_then_fused_ops(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps,
+                                 quantize_a, a_sf_layout, **params):
+        """What the route's one call computes, as primitives: quantize_decoded, then
+        the fused W4A16 op with g_a * g_b storing the residual."""
+        x = fused_gemm._apply_prologue(a, norm_weight, prologue, eps)
+        xq, g = quantize_decoded_p.bind(x, a_g, b_g.reshape(a_g.shape))
+        return fused_gemm_p.bind(xq, jnp.zeros((0,), jnp.bfloat16), jnp.zeros((0,), jnp.float32), b_data,
+                                 b_scales, g, residual, prologue="none", eps=0.0, quantize_a=False,
+                                 a_sf_layout=None, **params)
 
     n, k = 37, 272
     k_in = 2 * k if prologue == "swiglu" else k
@@ -183,7 +194,7 @@ def test_w4a4_residual_at_decoded_rows(rng, m, prologue):
     params = dict(prologue=prologue, eps=1e-5, quantize_a=True, a_sf_layout="8x4", b_sf_layout=w.sf_layout,
                   b_packing=w.packing, b_shape=(n, k), out_dtype=jnp.bfloat16)
     args = (a, norm_w, g_a, w.data, w.scales, w.global_scale, r)
-    (got,) = fused_gemm.quantized_then_fused_ops(*args, **params)
+    (got,) = quantized_then_fused_ops(*args, **params)
     (want,) = fused_gemm._compose(*args, **params)
     np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
     avals = [ShapedArray(x.shape, x.dtype) for x in args]

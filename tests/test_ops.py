@@ -261,13 +261,20 @@ def test_w4a4_quantize_decoded_route_is_the_w4a4_product(rng, m):
     (quantize_decoded_then_gemm_ops) through the CPU handlers: quantize then the
     W4A4 GEMM, bit for bit."""
     from jaxfp4.primitives import gemm
+    from jaxfp4.primitives.quantize import quantize_decoded_p
+
+    def quantize_decoded_then_gemm_ops(a, a_g, b_data, b_scales, b_g, **params):
+        """What the route's one call computes, as two primitives: quantize_decoded,
+        then gemm_p's W4A16 with g_a * g_b (no CPU handler takes packed weights)."""
+        a_dec, g = quantize_decoded_p.bind(a, a_g, b_g.reshape(a_g.shape))
+        return gemm.gemm_p.bind(a_dec, b_data, b_scales, g, **{**params, "mode": "w4a16", "a_sf_layout": None})
 
     n, k = 37, 272
     a = jnp.asarray(random_matrix(rng, (m, k))).astype(jnp.bfloat16)
     g_a = jnp.float32(np.abs(np.asarray(a, np.float32)).max() / 2688)
     wq = jaxfp4.prepare_weights(jaxfp4.quantize(jnp.asarray(random_matrix(rng, (n, k)))))
     params = dict(b_sf_layout=wq.sf_layout, b_packing=wq.packing, b_shape=(n, k), out_dtype=jnp.float32)
-    (got,) = jax.jit(lambda a, g: gemm.quantize_decoded_then_gemm_ops(
+    (got,) = jax.jit(lambda a, g: quantize_decoded_then_gemm_ops(
         a[None], g.reshape(1), wq.data[None], wq.scales[None], wq.global_scale.reshape(1),
         mode="w4a4_quantize_a", a_sf_layout="8x4", **params))(a, g_a)
     want = jaxfp4.matmul(jaxfp4.quantize(a, g_a, sf_layout="8x4"), wq, out_dtype=jnp.float32)

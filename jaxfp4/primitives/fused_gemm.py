@@ -38,7 +38,6 @@ from jaxfp4.fused import RMSNorm, SwiGLU, add_residual
 from jaxfp4.primitives import _common
 from jaxfp4.primitives.gemm import (PACKING_IDS, SMALL_M_MAX, gemm_p, quantize_a_fits, quantize_decoded_fits,
                                     w4a4_decoded)
-from jaxfp4.primitives.quantize import quantize_decoded_p
 
 fused_gemm_p = _common.define("jaxfp4_fused_gemm")
 
@@ -115,17 +114,6 @@ def _quantized_then_fused(a, norm_weight, a_g, b_data, b_scales, b_g, residual, 
     gemm's route)."""
     x = _apply_prologue(a, norm_weight, prologue, eps)
     return (w4a4_decoded(x, a_g, b_data, b_scales, b_g, residual, **params),)
-
-
-def quantized_then_fused_ops(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, quantize_a,
-                             a_sf_layout, **params):
-    """What _quantized_then_fused's call computes, as primitives (quantize_decoded,
-    then the fused W4A16 op with g_a * g_b storing the residual): the same bits;
-    the CPU tests' handle on the route."""
-    x = _apply_prologue(a, norm_weight, prologue, eps)
-    xq, g = quantize_decoded_p.bind(x, a_g, b_g.reshape(a_g.shape))
-    return fused_gemm_p.bind(xq, jnp.zeros((0,), jnp.bfloat16), jnp.zeros((0,), jnp.float32), b_data, b_scales, g,
-                             residual, prologue="none", eps=0.0, quantize_a=False, a_sf_layout=None, **params)
 
 
 def _choose(platform, avals_in, params):

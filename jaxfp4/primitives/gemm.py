@@ -36,7 +36,7 @@ from jax.core import ShapedArray
 from jaxfp4 import format as fmt
 from jaxfp4 import packing, reference
 from jaxfp4.primitives import _common
-from jaxfp4.primitives.quantize import quantize_decoded_p, quantize_p
+from jaxfp4.primitives.quantize import quantize_p
 
 gemm_p = _common.define("jaxfp4_gemm")
 
@@ -111,14 +111,6 @@ def _quantize_decoded_then_gemm(a, a_g, b_data, b_scales, b_g, **params):
     lead = np.broadcast_shapes(a.shape[:-2], b_g.shape)
     out = w4a4_decoded(a.reshape(a.shape[-2:]), a_g, b_data, b_scales, b_g, None, **params)
     return (out.reshape(*lead, *out.shape),)
-
-
-def quantize_decoded_then_gemm_ops(a, a_g, b_data, b_scales, b_g, **params):
-    """What _quantize_decoded_then_gemm's call computes, as two primitives (the
-    quantize_decoded kernel, then gemm_p's W4A16 with g_a * g_b): the same bits;
-    the CPU tests' handle on the route (no CPU handler takes packed weights)."""
-    a_dec, g = quantize_decoded_p.bind(a, a_g, b_g.reshape(a_g.shape))
-    return gemm_p.bind(a_dec, b_data, b_scales, g, **{**params, "mode": "w4a16", "a_sf_layout": None})
 
 
 def w4a4_decoded(a, a_g, b_data, b_scales, b_g, residual, *, b_sf_layout, b_packing, b_shape, out_dtype,
