@@ -9,10 +9,11 @@ import importlib
 from jaxfp4._ffi import backend_info
 from jaxfp4.chain import Link, matmul_chain
 from jaxfp4.dot_general import dot_general
-from jaxfp4.fused import RMSNorm, SwiGLU
+from jaxfp4.fused import InterleavedSwiGLU, RMSNorm, SwiGLU
 from jaxfp4.ops import (
     dequantize,
     from_float4,
+    interleave_gate_up,
     matmul,
     prepare_weights,
     quantize,
@@ -24,6 +25,7 @@ from jaxfp4.tensor import NVFP4Tensor
 __version__ = "0.1.0"
 
 __all__ = [
+    "InterleavedSwiGLU",
     "Link",
     "NVFP4Tensor",
     "RMSNorm",
@@ -32,6 +34,7 @@ __all__ = [
     "dequantize",
     "dot_general",
     "from_float4",
+    "interleave_gate_up",
     "matmul",
     "matmul_chain",
     "prepare_weights",

@@ -35,10 +35,12 @@ from jaxfp4.tensor import NVFP4Tensor, describe
 
 
 class Link(NamedTuple):
-    """One matmul of a chain: `residual + matmul(prologue(x), weight, input_scale=...)`.
+    """One matmul of a chain: `residual + matmul(prologue(x), weight, input_scale=...)`,
+    or `matmul(prologue(x), weight, epilogue=...)`.
 
     weight: NVFP4Tensor [N, K] (prepared with jaxfp4.prepare_weights for the
       fast path). prologue: jaxfp4.RMSNorm, jaxfp4.SwiGLU or None.
+    epilogue: jaxfp4.InterleavedSwiGLU or None (then no residual).
     residual: None, an array of the link's output shape and dtype, or an int j:
       the output of the chain's earlier link j.
     input_scale: W4A4 with a static activation decode scale (a float32 scalar),
@@ -48,6 +50,7 @@ class Link(NamedTuple):
     prologue: Prologue | None = None
     residual: jax.Array | int | None = None
     input_scale: Any = None
+    epilogue: Any = None
 
 
 def matmul_chain(a: jax.Array, links: Sequence[Link], *, out_dtype: Any = jnp.bfloat16) -> list[jax.Array]:
@@ -55,7 +58,8 @@ def matmul_chain(a: jax.Array, links: Sequence[Link], *, out_dtype: Any = jnp.bf
     [..., M, K_0], y_i = link i applied to y_{i-1}; each `jaxfp4.matmul(x,
     link.weight, input_scale=link.input_scale, prologue=link.prologue,
     residual=..., out_dtype=out_dtype)` with an int residual j standing for y_j.
-    Returns every y_i ([..., M, N_i], out_dtype), bit for bit those calls'."""
+    (and epilogue=link.epilogue). Returns every y_i ([..., M, N_i], out_dtype;
+    N_i / 2 with the epilogue), bit for bit those calls'."""
     if isinstance(links, Link) or not isinstance(links, (list, tuple)) or not links:
         raise TypeError(f"links must be a non-empty list of jaxfp4.Link, got {type(links).__name__}")
     for i, link in enumerate(links):
@@ -75,7 +79,7 @@ def matmul_chain(a: jax.Array, links: Sequence[Link], *, out_dtype: Any = jnp.bf
             j = _link_index(link.residual)
             r = link.residual if j is None else outs[j]
             x = ops.matmul(x, link.weight, input_scale=link.input_scale, out_dtype=out_dt, prologue=link.prologue,
-                           residual=r)
+                           residual=r, epilogue=link.epilogue)
             outs.append(x)
         return outs
     f0 = calls[0]
@@ -100,7 +104,7 @@ def _fused_calls(a: Any, links: Sequence[Link], out_dt: Any) -> list[ops.FusedCa
             r = jax.ShapeDtypeStruct((*calls[j].lead, calls[j].m, calls[j].n), out_dt)
         try:
             f = ops.fused_operands(x, link.weight, link.prologue, r, input_scale=link.input_scale,
-                                   input_sf_layout=None, out_dtype=out_dt)
+                                   input_sf_layout=None, out_dtype=out_dt, epilogue=link.epilogue)
         except (TypeError, ValueError) as e:
             raise type(e)(f"links[{i}]: {e}") from None
         if f is None:

@@ -28,7 +28,7 @@ from jaxfp4 import ops
 from jaxfp4._checks import check_float_dtype, check_k, decode_scalar, is_float
 from jaxfp4.chain import Link
 from jaxfp4.dot_general import NVFP4DotGeneral, check_mode
-from jaxfp4.fused import PROLOGUES, Prologue, add_residual
+from jaxfp4.fused import EPILOGUES, PROLOGUES, Epilogue, Prologue, add_residual
 from jaxfp4.packing import packed_shapes
 from jaxfp4.primitives.gemm import PACKING_IDS
 from jaxfp4.tensor import NVFP4Tensor, describe
@@ -127,6 +127,15 @@ def _check_prologue(prologue: Any, where: str) -> None:
     if prologue is not None and not isinstance(prologue, PROLOGUES):
         raise TypeError(f"{where}: prologue must be jaxfp4.RMSNorm, jaxfp4.SwiGLU or None, "
                         f"got {type(prologue).__name__}")
+
+
+def _check_epilogue(epilogue: Any, use_bias: bool, where: str) -> None:
+    if epilogue is None:
+        return
+    if not isinstance(epilogue, EPILOGUES):
+        raise TypeError(f"{where}: epilogue must be jaxfp4.InterleavedSwiGLU or None, got {type(epilogue).__name__}")
+    if use_bias:
+        raise ValueError(f"{where}: an epilogue needs use_bias=False (the bias would come before the SwiGLU)")
 
 
 class _LinkRequest(NamedTuple):
@@ -257,60 +266,73 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, prologue: Prologue | None = None,
-                 residual: jax.Array | None = None) -> jax.Array:
+                 residual: jax.Array | None = None, epilogue: Epilogue | None = None) -> jax.Array:
         """Applies the layer to x [..., K]; returns [..., features] in `out_dtype` (default `dtype`).
 
         prologue: `jaxfp4.RMSNorm` or `jaxfp4.SwiGLU` (x is then [..., 2K]),
         applied to x (cast to `dtype`) first; residual: [..., features] in the
-        output dtype, added last (after the bias). Without a bias, W4A16 and
-        w4a4 with static_input_scale run both inside the GEMM kernel on the GPU
-        where they can (`jaxfp4.matmul`'s prologue and residual); else they are
-        separate ops.
+        output dtype, added last (after the bias); epilogue:
+        `jaxfp4.InterleavedSwiGLU()` on the output of a gate_up layer whose
+        weight is `jaxfp4.interleave_gate_up(gate, up)` (returns [...,
+        features / 2]; no bias, no residual). Without a bias, W4A16 and w4a4
+        with static_input_scale run them inside the GEMM kernel on the GPU
+        where they can (`jaxfp4.matmul`'s prologue, residual and epilogue);
+        else they are separate ops.
         """
         dt, out_dt = self._check_config()
         if isinstance(x, _LinkRequest):  # from .link()
-            return self._link(x.in_features, prologue, residual)
+            return self._link(x.in_features, prologue, residual, epilogue)
         x = self._check_x(x)
         where = self._where()
         _check_prologue(prologue, where)
+        _check_epilogue(epilogue, self.use_bias, where)
         k_in, lead = x.shape[-1], tuple(x.shape[:-1])
         k = k_in // prologue.in_features(1) if prologue is not None else k_in
-        if residual is not None and (tuple(jnp.shape(residual)) != (*lead, self.features)
+        n_out = self.features if epilogue is None else epilogue.out_features(self.features)
+        if residual is not None and (tuple(jnp.shape(residual)) != (*lead, n_out)
                                      or jnp.result_type(residual) != out_dt):
-            raise ValueError(f"{where}: residual must be {np.dtype(out_dt).name} {(*lead, self.features)} "
+            raise ValueError(f"{where}: residual must be {np.dtype(out_dt).name} {(*lead, n_out)} "
                              f"(the output's shape and dtype), got {describe(residual)}")
         w = self._weight(k)
         m = int(np.prod(lead))
         a = x.reshape(m, k_in).astype(dt)
-        res = None if residual is None else residual.reshape(m, self.features)
-        fusable = prologue is not None or residual is not None
+        res = None if residual is None else residual.reshape(m, n_out)
+        fusable = prologue is not None or residual is not None or epilogue is not None
         if fusable and not self.use_bias and (self.mode == "w4a16" or self.static_input_scale):
-            # One op (on the GPU for decode-size M one kernel): prologue, GEMM, residual.
+            # One op (on the GPU for decode-size M one kernel): prologue, GEMM, residual or epilogue.
             scale = {}
             if self.mode == "w4a4":
                 scale = dict(input_scale=self._input_scale(),
                              input_sf_layout=fmt.activation_sf_layout(m, self.small_batch_threshold))
-            y = ops.matmul(a, w, out_dtype=out_dt, prologue=prologue, residual=res, **scale)
-            return y.reshape(*lead, self.features)
+            try:
+                y = ops.matmul(a, w, out_dtype=out_dt, prologue=prologue, residual=res, epilogue=epilogue, **scale)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}: {e}") from None
+            return y.reshape(*lead, n_out)
         if prologue is not None:
             a = prologue(a)
         y = self._project(a, w, m, dt, out_dt).reshape(*lead, self.features)
+        if epilogue is not None:
+            if self.features % 16:
+                raise ValueError(f"{where}: epilogue InterleavedSwiGLU needs features % 16 == 0, got {self.features}")
+            y = epilogue(y)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), dt).astype(out_dt)
         return y if residual is None else add_residual(y, residual)
 
     def link(self, in_features: int, *, prologue: Prologue | None = None,
-             residual: jax.Array | int | None = None) -> Link:
+             residual: jax.Array | int | None = None, epilogue: Epilogue | None = None) -> Link:
         """This layer as one link of a `jaxfp4.matmul_chain` (its params, created
         here on `.init`): `residual + self(prologue(x))` for x of width
         `in_features` (the layer's K; 2K into a SwiGLU prologue is its input,
         not K). residual: an array, or an int j, the chain's link j's output.
         The chain's out_dtype applies. Needs a layer without bias, W4A16 or W4A4
-        with static_input_scale (what one fused op can run)."""
+        with static_input_scale (what one fused op can run). epilogue: as
+        __call__'s (the link's output is then [M, features / 2])."""
         # Through __call__, the module's one compact method (params are made there).
-        return self(_LinkRequest(in_features), prologue=prologue, residual=residual)
+        return self(_LinkRequest(in_features), prologue=prologue, residual=residual, epilogue=epilogue)
 
-    def _link(self, k: int, prologue: Prologue | None, residual: Any) -> Link:
+    def _link(self, k: int, prologue: Prologue | None, residual: Any, epilogue: Epilogue | None) -> Link:
         where = self._where()
         if self.use_bias:
             raise ValueError(f"{where}: a chain link has no bias (use_bias=False)")
@@ -318,11 +340,12 @@ class Dense(nn.Module):
             raise ValueError(f"{where}: a w4a4 chain link needs static_input_scale=True (the chain cannot "
                              "compute a dynamic global scale between its links)")
         _check_prologue(prologue, where)
+        _check_epilogue(epilogue, self.use_bias, where)
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"{where}: in_features must be a positive int, got {k!r}")
         check_k(k, where, "in_features, K={k},")
         scale = self._input_scale() if self.mode == "w4a4" else None
-        return Link(self._weight(int(k)), prologue=prologue, residual=residual, input_scale=scale)
+        return Link(self._weight(int(k)), prologue=prologue, residual=residual, input_scale=scale, epilogue=epilogue)
 
     def _input_scale(self) -> jax.Array:
         """The static activation decode scale g_a (w4a4 with static_input_scale)."""

@@ -13,6 +13,17 @@ much as a small GEMM's own overhead (1-2 us each, launch-bound), so
 A prologue maps the activations a [..., M, K_in] to the GEMM's [..., M, K]
 (`RMSNorm`: K_in = K; `SwiGLU`: K_in = 2K) in a's dtype; `residual` is added
 to the GEMM's output, rounded as `residual + matmul(...)` would round it.
+An epilogue maps the GEMM's rounded output [..., M, N] to [..., M, N_out]:
+
+    # x = h + down_proj(silu(gate) * up), the SwiGLU in gate_up's store
+    w_gate_up = jaxfp4.interleave_gate_up(w_gate, w_up)      # once, offline
+    act = jaxfp4.matmul(h, w_gate_up, prologue=jaxfp4.RMSNorm(norm_weight),
+                        epilogue=jaxfp4.InterleavedSwiGLU())  # [..., M, N_gate]
+    x = jaxfp4.matmul(act, w_down, residual=h)
+
+The epilogue needs no other output column than its own pair, so every GEMM
+block computes it for the outputs it stores; a prologue SwiGLU instead is
+recomputed by every block for the whole row.
 The classes below are also the reference of each prologue (calling one
 applies it with jnp): the GPU kernel stages the same values, computed in
 float32 and rounded once, but its sum of squares runs in another order and
@@ -81,8 +92,8 @@ class SwiGLU:
         return 2 * k
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-        return (gate * jax.nn.sigmoid(gate) * up).astype(x.dtype)
+        gate, up = jnp.split(x, 2, axis=-1)
+        return _swiglu(gate, up, x.dtype)
 
     def tree_flatten(self):
         return (), None
@@ -97,6 +108,59 @@ class SwiGLU:
 
 Prologue = Union[RMSNorm, SwiGLU]
 PROLOGUES = (RMSNorm, SwiGLU)
+
+# Gate and up rows alternate in blocks of this many in an interleaved gate_up
+# weight: one 16-row tile of the GPU kernel is 8 gate rows and the same 8 rows
+# of up, so one thread's mma accumulators hold both halves of its outputs.
+GATE_UP_BLOCK = 8
+
+
+def _swiglu(gate: jax.Array, up: jax.Array, dtype: Any) -> jax.Array:
+    g = gate.astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(dtype)
+
+
+@jax.tree_util.register_pytree_node_class
+class InterleavedSwiGLU:
+    """The SwiGLU as a GEMM epilogue: y [..., 2 N_gate] -> silu(gate) * up
+    [..., N_gate] in float32, rounded to y's dtype, where y's columns are gate
+    and up interleaved in blocks of GATE_UP_BLOCK (8): gate 0-7, up 0-7, gate
+    8-15, up 8-15, ... That is the output of a weight made by
+    `jaxfp4.interleave_gate_up(w_gate, w_up)`; a plain [gate; up] concatenation
+    would pair the wrong columns (no error can tell), so build gate_up weights
+    for this epilogue with that function only."""
+
+    kind = "swiglu_interleaved"
+
+    def out_features(self, n: int) -> int:
+        """N_out of the epilogue for a GEMM of N outputs."""
+        return n // 2
+
+    def check(self, n: int) -> None:
+        if n % (2 * GATE_UP_BLOCK) != 0:
+            raise ValueError(f"epilogue InterleavedSwiGLU needs N % {2 * GATE_UP_BLOCK} == 0 (interleaved gate and up "
+                             f"blocks of {GATE_UP_BLOCK} rows), got N={n}")
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        n = y.shape[-1]
+        self.check(n)
+        blocks = y.reshape(*y.shape[:-1], n // (2 * GATE_UP_BLOCK), 2, GATE_UP_BLOCK)
+        gate, up = (blocks[..., i, :].reshape(*y.shape[:-1], n // 2) for i in (0, 1))
+        return _swiglu(gate, up, y.dtype)
+
+    def tree_flatten(self):
+        return (), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls()
+
+    def __repr__(self) -> str:
+        return "InterleavedSwiGLU()"
+
+
+Epilogue = InterleavedSwiGLU
+EPILOGUES = (InterleavedSwiGLU,)
 
 
 def add_residual(y: jax.Array, residual: jax.Array) -> jax.Array:

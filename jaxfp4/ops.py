@@ -14,7 +14,7 @@ from jaxfp4 import packing as packing_mod
 from jaxfp4._checks import check_float_dtype as _check_float_dtype
 from jaxfp4._checks import check_k
 from jaxfp4 import reference
-from jaxfp4.fused import PROLOGUES, Prologue, RMSNorm, add_residual
+from jaxfp4.fused import EPILOGUES, GATE_UP_BLOCK, PROLOGUES, Epilogue, Prologue, RMSNorm, add_residual
 from jaxfp4.primitives.dequantize import dequantize_p
 from jaxfp4.primitives.fused_gemm import fused_gemm_p
 from jaxfp4.primitives.gemm import PACKING_IDS, SMALL_M_MAX, gemm_p
@@ -91,7 +91,8 @@ def dequantize(t: NVFP4Tensor, dtype: Any = jnp.float32) -> jax.Array:
 
 def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = None,
            input_sf_layout: str | None = None, out_dtype: Any = jnp.bfloat16,
-           prologue: Prologue | None = None, residual: jax.Array | None = None) -> jax.Array:
+           prologue: Prologue | None = None, residual: jax.Array | None = None,
+           epilogue: Epilogue | None = None) -> jax.Array:
     """a @ b.T with NVFP4 weights b [..., N, K] (K-major, the checkpoint orientation).
 
     a is an NVFP4Tensor [..., M, K] (W4A4: both operands 4-bit) or a
@@ -115,6 +116,11 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = Non
       residual: [..., M, N] in out_dtype, added to the product (rounded as
         `residual + matmul(...)`); fused into the W4A16 kernel's store on the
         GPU for bf16 and M <= 32.
+      epilogue: `jaxfp4.InterleavedSwiGLU()`: silu(gate) * up of the output
+        [..., M, N], whose gate and up columns alternate in blocks of 8 (a
+        weight from `jaxfp4.interleave_gate_up`); returns [..., M, N/2]. On
+        the GPU, bf16 out with prepared weights and M <= 32 computes it in the
+        GEMM's store. Not together with a residual.
     """
     b = _check_tensor(b, "b")
     out_dt = _check_float_dtype(out_dtype, "out_dtype")
@@ -122,9 +128,9 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = Non
         raise ValueError(f"b must have rank >= 2 ([..., N, K]), got {describe(b)}")
     n, k = b.shape[-2:]
     w4a4 = isinstance(a, NVFP4Tensor)
-    if prologue is not None or residual is not None:
-        return _matmul_fused(a, b, prologue, residual, input_scale=input_scale, input_sf_layout=input_sf_layout,
-                             out_dtype=out_dt)
+    if prologue is not None or residual is not None or epilogue is not None:
+        return _matmul_fused(a, b, prologue, residual, epilogue, input_scale=input_scale,
+                             input_sf_layout=input_sf_layout, out_dtype=out_dt)
     if input_scale is not None and w4a4:
         raise ValueError("input_scale quantizes a float a: a is already an NVFP4Tensor (drop input_scale)")
     if input_sf_layout is not None:
@@ -188,14 +194,16 @@ def _matmul_quantize_a(a: jax.Array, b: NVFP4Tensor, g_a: jax.Array, layout: str
     return out
 
 
-def _matmul_fused(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: Any, **kw: Any) -> jax.Array:
-    """matmul with a prologue and/or a residual (checked here, naming the rule):
-    float a with weights shared by every batch entry (W4A16, or W4A4 from one
-    input_scale) is the fused primitive; anything else the same steps as
-    separate ops."""
-    f = fused_operands(a, b, prologue, residual, **kw)
+def _matmul_fused(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: Any, epilogue: Epilogue | None,
+                  **kw: Any) -> jax.Array:
+    """matmul with a prologue, a residual and/or an epilogue (checked here,
+    naming the rule): float a with weights shared by every batch entry (W4A16,
+    or W4A4 from one input_scale) is the fused primitive; anything else the same
+    steps as separate ops."""
+    f = fused_operands(a, b, prologue, residual, epilogue=epilogue, **kw)
     if f is None:
         y = matmul(prologue(a) if prologue is not None else a, b, **kw)
+        y = y if epilogue is None else epilogue(y)
         return y if residual is None else add_residual(y, residual)
     a2 = jnp.broadcast_to(a, (*f.lead, f.m, f.k_in)).reshape(f.rows, f.k_in)
     res = residual.reshape(f.rows, f.n) if residual is not None else jnp.zeros((0,), f.params["out_dtype"])
@@ -209,7 +217,7 @@ class FusedCall(NamedTuple):
     params: dict[str, Any]
     lead: tuple[int, ...]
     m: int
-    n: int
+    n: int  # the output's columns (N, or the epilogue's N_out)
     k_in: int
 
     @property
@@ -218,13 +226,22 @@ class FusedCall(NamedTuple):
 
 
 def fused_operands(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: Any, *, input_scale: Any,
-                   input_sf_layout: str | None, out_dtype: Any) -> FusedCall | None:
-    """Checks matmul's arguments with a prologue and/or a residual (naming the
-    rule); a and residual may be anything with a shape and dtype (e.g. a
-    jax.ShapeDtypeStruct). Returns fused_gemm_p's operands and params where the
-    fused primitive applies (float a, weights shared by every batch entry, one
-    input_scale at most), else None (separate ops)."""
-    n, k = b.shape[-2:]
+                   input_sf_layout: str | None, out_dtype: Any, epilogue: Epilogue | None = None) -> FusedCall | None:
+    """Checks matmul's arguments with a prologue, a residual and/or an epilogue
+    (naming the rule); a and residual may be anything with a shape and dtype
+    (e.g. a jax.ShapeDtypeStruct). Returns fused_gemm_p's operands and params
+    where the fused primitive applies (float a, weights shared by every batch
+    entry, one input_scale at most), else None (separate ops)."""
+    n_gemm, k = b.shape[-2:]
+    n = n_gemm
+    if epilogue is not None:
+        if not isinstance(epilogue, EPILOGUES):
+            raise TypeError(f"epilogue must be jaxfp4.InterleavedSwiGLU() or None, got {type(epilogue).__name__}")
+        epilogue.check(n_gemm)
+        if residual is not None:
+            raise ValueError("epilogue and residual together are not supported: add the residual to the "
+                             "epilogue's output as its own op")
+        n = epilogue.out_features(n_gemm)
     if prologue is not None:
         if not isinstance(prologue, PROLOGUES):
             raise TypeError(f"prologue must be jaxfp4.RMSNorm(weight, eps), jaxfp4.SwiGLU() or None, "
@@ -268,10 +285,11 @@ def fused_operands(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: 
     a_g = _global_scale(g_a, (), "input_scale") if g_a is not None else jnp.zeros((0,), jnp.float32)
     nb = len(b.batch_shape)
     data, scales = (x.reshape(x.shape[nb:]) for x in (b.data, b.scales))
-    params = dict(prologue=kind, eps=prologue.eps if kind == "rms_norm" else 0.0, quantize_a=g_a is not None,
+    params = dict(prologue=kind, eps=prologue.eps if kind == "rms_norm" else 0.0,
+                  epilogue="none" if epilogue is None else epilogue.kind, quantize_a=g_a is not None,
                   a_sf_layout=None if g_a is None else (
                       input_sf_layout or fmt.activation_sf_layout(rows, SMALL_M_MAX)),
-                  b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n, k), out_dtype=out_dtype)
+                  b_sf_layout=b.sf_layout, b_packing=b.packing, b_shape=(n_gemm, k), out_dtype=out_dtype)
     return FusedCall((norm_w, a_g, data, scales, b.global_scale.reshape(())), params, lead, m, n, k_in)
 
 
@@ -312,6 +330,55 @@ def unprepare_weights(t: NVFP4Tensor) -> NVFP4Tensor:
     n, k = t.packed_shape
     data, scales = packing_mod.unpack_weights(t.data, t.scales, n, k, t.sf_layout)
     return NVFP4Tensor(data, scales, t.global_scale, t.sf_layout)
+
+
+def interleave_gate_up(gate: NVFP4Tensor | jax.Array, up: NVFP4Tensor | jax.Array, *,
+                       axis: int = -2) -> NVFP4Tensor | jax.Array:
+    """The gate_up weight `matmul(..., epilogue=jaxfp4.InterleavedSwiGLU())`
+    takes: gate's and up's rows (output features) alternating in blocks of 8
+    (gate 0-7, up 0-7, gate 8-15, ...), exactly (a permutation of rows, codes
+    and scales alike).
+
+    gate, up: NVFP4Tensors [..., N_gate, K] (plain order, one equal global
+    scale: the rows must share it to stay exact; checked where the scales are
+    concrete), or float arrays interleaved along `axis` (e.g. a flax kernel
+    [K, N_gate]: axis=-1) to quantize afterwards. N_gate % 8 == 0. Returns
+    [..., 2 N_gate, K] (in gate's scale layout), or the interleaved array.
+    """
+    if isinstance(gate, NVFP4Tensor) or isinstance(up, NVFP4Tensor):
+        gate, up = _check_tensor(gate, "gate"), _check_tensor(up, "up")
+        if gate.packing is not None or up.packing is not None:
+            raise ValueError("interleave_gate_up: pass plain weights (jaxfp4.unprepare_weights), then prepare the result")
+        if gate.shape != up.shape:
+            raise ValueError(f"gate and up must have equal shapes, got {describe(gate)} and {describe(up)}")
+        try:
+            same = np.array_equal(np.asarray(gate.global_scale), np.asarray(up.global_scale))
+        except jax.errors.ConcretizationTypeError:
+            same = True  # traced: the caller's promise (documented)
+        if not same:
+            raise ValueError("gate and up must share their global scale to interleave exactly (quantize them "
+                             "together, e.g. the concatenated bf16 weight, or requantize)")
+        layout = gate.sf_layout
+        g, u = gate.with_sf_layout("linear"), up.with_sf_layout("linear")
+        data = _interleave_rows(g.data, u.data, -2, "gate")
+        scales = _interleave_rows(g.scales, u.scales, -2, "gate")
+        return NVFP4Tensor(data, scales, gate.global_scale, "linear").with_sf_layout(layout)
+    gate, up = jnp.asarray(gate), jnp.asarray(up)
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate and up must have equal shapes and dtypes, got {gate.shape} {gate.dtype} and "
+                         f"{up.shape} {up.dtype}")
+    return _interleave_rows(gate, up, axis, "gate")
+
+
+def _interleave_rows(x: jax.Array, y: jax.Array, axis: int, arg: str) -> jax.Array:
+    """x and y alternating in blocks of GATE_UP_BLOCK along axis."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    if n % GATE_UP_BLOCK != 0:
+        raise ValueError(f"{arg} must have a multiple of {GATE_UP_BLOCK} rows along axis {axis} to interleave, got {n}")
+    blocks = [z.reshape(*z.shape[:axis], n // GATE_UP_BLOCK, 1, GATE_UP_BLOCK, *z.shape[axis + 1:]) for z in (x, y)]
+    both = jnp.concatenate(blocks, axis=axis + 1)
+    return both.reshape(*x.shape[:axis], 2 * n, *x.shape[axis + 1:])
 
 
 # ---- interchange with jnp.float4_e2m1fn (jax.nn.scaled_matmul, qwix) -------------------

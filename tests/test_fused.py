@@ -174,13 +174,13 @@ def test_w4a4_residual_at_decoded_rows(rng, m, prologue):
     from jaxfp4.primitives.quantize import quantize_decoded_p
 
     def quantized_then_fused_ops(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps,
-                                 quantize_a, a_sf_layout, **params):
+                                 epilogue, quantize_a, a_sf_layout, **params):
         """What the route's one call computes, as primitives: quantize_decoded, then
         the fused W4A16 op with g_a * g_b storing the residual."""
         x = fused_gemm._apply_prologue(a, norm_weight, prologue, eps)
         xq, g = quantize_decoded_p.bind(x, a_g, b_g.reshape(a_g.shape))
         return fused_gemm_p.bind(xq, jnp.zeros((0,), jnp.bfloat16), jnp.zeros((0,), jnp.float32), b_data,
-                                 b_scales, g, residual, prologue="none", eps=0.0, quantize_a=False,
+                                 b_scales, g, residual, prologue="none", eps=0.0, epilogue="none", quantize_a=False,
                                  a_sf_layout=None, **params)
 
     n, k = 37, 272
@@ -191,7 +191,8 @@ def test_w4a4_residual_at_decoded_rows(rng, m, prologue):
     w = _weights(rng, n, k)
     r = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
     g_a = jnp.float32(0.05)
-    params = dict(prologue=prologue, eps=1e-5, quantize_a=True, a_sf_layout="8x4", b_sf_layout=w.sf_layout,
+    params = dict(prologue=prologue, eps=1e-5, epilogue="none", quantize_a=True, a_sf_layout="8x4",
+                  b_sf_layout=w.sf_layout,
                   b_packing=w.packing, b_shape=(n, k), out_dtype=jnp.bfloat16)
     args = (a, norm_w, g_a, w.data, w.scales, w.global_scale, r)
     (got,) = quantized_then_fused_ops(*args, **params)

@@ -42,8 +42,9 @@ def _poison():
 
 
 def ffi_fused(a, norm_w, b_data, b_scales, b_g, residual, n, *, prologue, layout, packed=True, out_dtype=BF16,
-              a_g=None):
-    """jaxfp4_gemm_fused: a [M, K] (swiglu [M, 2K]) bf16 -> [M, N]; W4A4 with a_g."""
+              a_g=None, epilogue=0):
+    """jaxfp4_gemm_fused: a [M, K] (swiglu [M, 2K]) bf16 -> [M, n] (n = N, or N/2 with
+    epilogue 1); W4A4 with a_g."""
     if packed:
         b_data, b_scales = _pack(b_data, b_scales, layout)
     empty = np.zeros((0,), BF16)
@@ -52,7 +53,7 @@ def ffi_fused(a, norm_w, b_data, b_scales, b_g, residual, n, *, prologue, layout
     a_g = np.zeros((0,), np.float32) if a_g is None else np.asarray(a_g, np.float32).reshape(())
     out = call(_dev(a), _dev(empty if norm_w is None else norm_w), _dev(a_g), _dev(b_data), _dev(b_scales.view(F8)),
                _dev(np.asarray(b_g, np.float32).reshape(())), _dev(empty if residual is None else residual),
-               prologue=np.int32(PROLOGUE_IDS[prologue]), eps=np.float32(EPS),
+               prologue=np.int32(PROLOGUE_IDS[prologue]), eps=np.float32(EPS), epilogue=np.int32(epilogue),
                b_sf_layout=np.int32(fmt.SF_LAYOUT_IDS[layout]), b_packing=np.int32(1 if packed else 0))
     return np.asarray(out)
 
@@ -381,8 +382,8 @@ def test_chain_handler_rejects_what_it_cannot_run(rng):
     call = jax.ffi.ffi_call("jaxfp4_gemm_chain", [jax.ShapeDtypeStruct((9, 128), BF16),
                                                   jax.ShapeDtypeStruct((9, 32), BF16)])
     ops = [_dev(x) for x in [a, *link(128, 64), *link(32, 64)]]
-    attrs = dict(eps=np.zeros(2, np.float32), b_sf_layout=np.full(2, fmt.SF_LAYOUT_IDS["linear"], np.int32),
-                 b_packing=np.ones(2, np.int32), res_from=np.array([-1, -1], np.int32))
+    attrs = dict(eps=np.zeros(2, np.float32), epilogue=np.zeros(2, np.int32),
+                 b_sf_layout=np.full(2, fmt.SF_LAYOUT_IDS["linear"], np.int32), b_packing=np.ones(2, np.int32), res_from=np.array([-1, -1], np.int32))
     with pytest.raises(Exception, match=r"jaxfp4 gemm \(cuda\): chain link 1: "):
         jax.block_until_ready(call(*ops, prologue=np.array([0, 0], np.int32), **attrs))
     with pytest.raises(Exception, match=r"gemm \(cuda\): chain link 0: a fused prologue or W4A4 needs M <= 8"):

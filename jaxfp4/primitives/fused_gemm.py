@@ -1,5 +1,6 @@
 """fused_gemm_p: out [M, N] = residual + prologue(a) @ B^T (jaxfp4.fused), W4A16
-or W4A4 with a quantized from a static decode scale.
+or W4A4 with a quantized from a static decode scale; or, with an epilogue,
+out [M, N/2] = epilogue(prologue(a) @ B^T) (no residual).
 
 Operands: (a [M, K_in], norm_weight [K] or [0], a_g [] or [0], b_data,
 b_scales, b_g [], residual [M, N] or [0]): one batch entry, weights without
@@ -7,7 +8,7 @@ batch axes (ops.matmul folds a's leading axes into M). An empty operand is
 unused: norm_weight without the rms_norm prologue, a_g for W4A16 (with a_g the
 prologue's output is quantized as `quantize(prologue(a), a_g)`, then the W4A4
 GEMM), residual when there is none. Params: prologue ("none", "rms_norm",
-"swiglu"), eps, quantize_a (whether a_g is given), a_sf_layout (W4A4: the
+"swiglu"), eps, epilogue ("none", "swiglu_interleaved"), quantize_a (whether a_g is given), a_sf_layout (W4A4: the
 layout the composition quantizes into; the result does not depend on it; None
 for W4A16), b_sf_layout, b_packing, b_shape (the logical (N, K)), out_dtype.
 
@@ -15,7 +16,7 @@ Kernel choice (cuda): `jaxfp4_gemm_fused` where `fused_fits` (bf16 a; W4A4
 and prologues need sm90-packed weights and rows staged in shared memory, as
 the in-kernel quantization's, W4A4 M <= 8; a prologue only for M <=
 PROLOGUE_MAX_M); a prologue it cannot take runs in jnp before the fused op
-with the residual alone (`_prologue_then_fused`); W4A4 with a residual at
+with the residual or epilogue alone (`_prologue_then_fused`); W4A4 with a residual at
 rows the fused kernel cannot quantize itself (gemm.quantize_decoded_fits)
 is one call that quantizes and decodes, then stores the residual in the W4A16
 kernel (gemm.w4a4_decoded, `_quantized_then_fused`); everywhere else the
@@ -34,7 +35,7 @@ import numpy as np
 from jax.core import ShapedArray
 
 from jaxfp4 import format as fmt
-from jaxfp4.fused import RMSNorm, SwiGLU, add_residual
+from jaxfp4.fused import InterleavedSwiGLU, RMSNorm, SwiGLU, add_residual
 from jaxfp4.primitives import _common
 from jaxfp4.primitives.gemm import (PACKING_IDS, SMALL_M_MAX, gemm_p, quantize_a_fits, quantize_decoded_fits,
                                     w4a4_decoded)
@@ -43,6 +44,8 @@ fused_gemm_p = _common.define("jaxfp4_fused_gemm")
 
 # prologue name -> the FFI `prologue` attribute (csrc/cuda/sm90/gemm_staged_act.cuh).
 PROLOGUE_IDS = {"none": 0, "rms_norm": 1, "swiglu": 2}
+# epilogue name -> the FFI `epilogue` attribute (csrc/cuda/sm90/gemm_small_m_common.cuh).
+EPILOGUE_IDS = {"none": 0, "swiglu_interleaved": 1}
 # The most rows a fused prologue takes. Every CTA computes the prologue of all
 # rows before its main loop, on the warps that then run it (the GEMM is
 # instruction-bound at these M): in the 8B decode on an H200 it saved time at
@@ -52,11 +55,14 @@ PROLOGUE_MAX_M = 1
 
 
 def fused_fits(m: int, k: int, prologue: str, a_dtype, norm_dtype, out_dtype, has_residual: bool,
-               b_packing, quantize_a: bool = False) -> bool:
+               b_packing, quantize_a: bool = False, epilogue: str = "none") -> bool:
     """Whether the CUDA kernels run this call (else the composition)."""
     bf16 = np.dtype(jnp.bfloat16)
     if np.dtype(a_dtype) != bf16 or (has_residual and np.dtype(out_dtype) != bf16):
         return False
+    if epilogue != "none" and (has_residual or np.dtype(out_dtype) != bf16 or b_packing != "sm90"
+                               or m > SMALL_M_MAX):
+        return False  # the epilogue is in the packed kernel's bf16 store only
     if prologue == "none" and not quantize_a:  # the residual alone: any small-M W4A16 kernel stores it
         return m <= SMALL_M_MAX
     if prologue == "rms_norm" and np.dtype(norm_dtype) != bf16:
@@ -70,12 +76,17 @@ def native_fits(m: int, a_dtype, norm_dtype, has_residual: bool, params: dict) -
     """Whether fused_gemm_p with these params lowers to jaxfp4_gemm_fused on CUDA
     as it is (no prologue or quantization moved out into other ops)."""
     return fused_fits(m, params["b_shape"][1], params["prologue"], a_dtype, norm_dtype, params["out_dtype"],
-                      has_residual, params["b_packing"], params["quantize_a"])
+                      has_residual, params["b_packing"], params["quantize_a"], params["epilogue"])
 
 
-def _abstract_eval(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, quantize_a,
-                   a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
-    return [ShapedArray((a.shape[0], b_shape[0]), np.dtype(out_dtype))]
+def out_features(params: dict) -> int:
+    """The op's output columns: N, or N/2 with the SwiGLU epilogue."""
+    n = params["b_shape"][0]
+    return n // 2 if params["epilogue"] == "swiglu_interleaved" else n
+
+
+def _abstract_eval(a, norm_weight, a_g, b_data, b_scales, b_g, residual, **params):
+    return [ShapedArray((a.shape[0], out_features(params)), np.dtype(params["out_dtype"]))]
 
 
 def _apply_prologue(a, norm_weight, prologue, eps):
@@ -86,9 +97,9 @@ def _apply_prologue(a, norm_weight, prologue, eps):
     return a
 
 
-def _compose(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, quantize_a, a_sf_layout,
-             b_sf_layout, b_packing, b_shape, out_dtype):
-    """The unfused ops: prologue (jnp), the GEMM, the residual add."""
+def _compose(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, epilogue, quantize_a,
+             a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
+    """The unfused ops: prologue (jnp), the GEMM, the epilogue (jnp), the residual add."""
     x = _apply_prologue(a, norm_weight, prologue, eps)
     b = dict(b_sf_layout=b_sf_layout, b_packing=b_packing, b_shape=b_shape, out_dtype=out_dtype)
     if quantize_a:
@@ -97,6 +108,8 @@ def _compose(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, 
     else:
         (out,) = gemm_p.bind(x[None], b_data[None], b_scales[None], b_g[None], mode="w4a16", a_sf_layout=None, **b)
     out = out[0]
+    if epilogue == "swiglu_interleaved":
+        out = InterleavedSwiGLU()(out)
     return (add_residual(out, residual) if residual.size else out,)
 
 
@@ -106,8 +119,8 @@ def _prologue_then_fused(a, norm_weight, *rest, prologue, eps, **params):
     return fused_gemm_p.bind(x, jnp.zeros((0,), a.dtype), *rest, prologue="none", eps=0.0, **params)
 
 
-def _quantized_then_fused(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, quantize_a,
-                          a_sf_layout, **params):
+def _quantized_then_fused(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, epilogue,
+                          quantize_a, a_sf_layout, **params):
     """W4A4 + residual at rows the fused kernel cannot quantize itself: the prologue in jnp,
     then one call quantizing and decoding x exactly to bf16 and running the W4A16
     kernel with g_a * g_b, whose store adds the residual (gemm.w4a4_decoded, as
@@ -122,11 +135,12 @@ def _choose(platform, avals_in, params):
     fits = partial(native_fits, m, a.dtype, norm_weight.dtype, residual.size > 0)
     if platform == "cuda" and fits(params):
         return None
-    if (platform == "cuda" and params["prologue"] != "none" and (residual.size > 0 or params["quantize_a"])
+    if (platform == "cuda" and params["prologue"] != "none"
+            and (residual.size > 0 or params["quantize_a"] or params["epilogue"] != "none")
             and fits({**params, "prologue": "none"})):
-        return "prologue, then gemm + residual (fused)", _prologue_then_fused
+        return "prologue, then gemm + residual or epilogue (fused)", _prologue_then_fused
     if (platform == "cuda" and params["quantize_a"] and residual.size > 0 and quantize_decoded_fits(m, params["b_packing"])
-            and np.dtype(params["out_dtype"]) == np.dtype(jnp.bfloat16)):
+            and np.dtype(params["out_dtype"]) == np.dtype(jnp.bfloat16) and params["epilogue"] == "none"):
         return "prologue, then w4a4_decoded: quantize (decoded) + w4a16 gemm + residual, one call", _quantized_then_fused
     return "prologue + gemm + residual (unfused)", _compose
 
@@ -137,6 +151,7 @@ def _native(platform, params):
     return "jaxfp4_gemm_fused", {
         "prologue": _common.i32(PROLOGUE_IDS[params["prologue"]]),
         "eps": np.float32(params["eps"]),
+        "epilogue": _common.i32(EPILOGUE_IDS[params["epilogue"]]),
         "b_sf_layout": _common.i32(fmt.SF_LAYOUT_IDS[params["b_sf_layout"]]),
         "b_packing": _common.i32(PACKING_IDS[params["b_packing"]])}
 

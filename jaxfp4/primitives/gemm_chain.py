@@ -26,7 +26,7 @@ from jax.core import ShapedArray
 
 from jaxfp4 import format as fmt
 from jaxfp4.primitives import _common
-from jaxfp4.primitives.fused_gemm import PROLOGUE_IDS, fused_gemm_p, native_fits
+from jaxfp4.primitives.fused_gemm import EPILOGUE_IDS, PROLOGUE_IDS, fused_gemm_p, native_fits, out_features
 from jaxfp4.primitives.gemm import PACKING_IDS
 
 gemm_chain_p = _common.define("jaxfp4_gemm_chain")
@@ -36,7 +36,7 @@ MAX_LINKS = 8  # the most links one jaxfp4_gemm_chain call takes (csrc: kMaxLink
 
 
 def _abstract_eval(a, *ops, links, res_from):
-    return [ShapedArray((a.shape[0], dict(p)["b_shape"][0]), np.dtype(dict(p)["out_dtype"])) for p in links]
+    return [ShapedArray((a.shape[0], out_features(dict(p))), np.dtype(dict(p)["out_dtype"])) for p in links]
 
 
 def _compose(a, *ops, links, res_from):
@@ -68,6 +68,7 @@ def _native(platform, params):
     return "jaxfp4_gemm_chain", {
         "prologue": np.array([PROLOGUE_IDS[p["prologue"]] for p in links], np.int32),
         "eps": np.array([p["eps"] for p in links], np.float32),
+        "epilogue": np.array([EPILOGUE_IDS[p["epilogue"]] for p in links], np.int32),
         "b_sf_layout": np.array([fmt.SF_LAYOUT_IDS[p["b_sf_layout"]] for p in links], np.int32),
         "b_packing": np.array([PACKING_IDS[p["b_packing"]] for p in links], np.int32),
         "res_from": np.array(params["res_from"], np.int32)}

@@ -27,6 +27,16 @@ constexpr int kPackedScaleBytes = 64;    // scales of one tile x chunk (sm90 pac
 
 enum OutType : int { kOutF32 = 0, kOutBF16 = 1, kOutF16 = 2 };
 
+// The fused op's epilogue (jaxfp4/primitives/fused_gemm.py EPILOGUE_IDS).
+enum Epilogue : int {
+  kEpilogueNone = 0,
+  // out [M, N/2] bf16 = silu(gate) * up of the rounded product, whose rows
+  // alternate gate and up in blocks of 8 (jaxfp4.interleave_gate_up): rows 0-7
+  // of a 16-row tile are gate, rows 8-15 up, so elements j and j + 2 of one mma
+  // C fragment (rows r and r + 8) are the two halves of one output.
+  kEpilogueSwiGluInterleaved = 1,
+};
+
 struct Params {
   const void* a;            // W4A16: T [*La, M, K]; W4A4: U8 codes [*La, M, K/2]
   const uint8_t* a_sf;      // W4A4: scales of a
@@ -51,6 +61,7 @@ struct Params {
   const __nv_bfloat16* norm_w = nullptr;    // prologue kPrologueRmsNorm: the RMSNorm weight [K]
   float eps = 0.0f;                         // its epsilon
   int32_t prologue = 0;                     // gemm_fused_prologue.cuh: what the fused kernel stages
+  int32_t epilogue = 0;                     // kEpilogue*: what the packed kernel's store computes
   // 1: no kernel launched before this one in its call writes the weights (a
   // later link of jaxfp4_gemm_chain), so the packed kernel's producer copies
   // them before griddepcontrol.wait. 0 (any other launch): after it.
@@ -381,6 +392,22 @@ __device__ __forceinline__ void store_out(const Params& p, int64_t out_base, flo
     } else {
       static_cast<float*>(p.out)[o] = v;
     }
+  }
+}
+
+// The SwiGLU epilogue of one output (row n of the N/2 outputs, token m): gate
+// and up (float32 sums) scaled and rounded to bf16 as the GEMM's output would
+// be, then silu(gate) * up in float32 as the staged SwiGLU prologue computes it
+// (gemm_staged_act.cuh swiglu_rows), rounded once: bit for bit the GEMM
+// followed by that prologue's arithmetic. bf16 out only (the handlers check).
+__device__ __forceinline__ void store_swiglu(const Params& p, int64_t out_base, float alpha, int n, int m, float gate,
+                                             float up) {
+  const int nh = p.N / 2;
+  if (n < nh && m < p.M) {
+    const float g = __bfloat162float(__float2bfloat16_rn(gate * alpha));
+    const float u = __bfloat162float(__float2bfloat16_rn(up * alpha));
+    static_cast<__nv_bfloat16*>(p.out)[out_base + static_cast<int64_t>(m) * nh + n] =
+        __float2bfloat16_rn(__fdividef(g, 1.0f + __expf(-g)) * u);
   }
 }
 

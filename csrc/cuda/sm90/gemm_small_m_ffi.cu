@@ -101,13 +101,15 @@ ffi::Error check_out(const ffi::AnyBuffer& out, int nl, int64_t M, const BatchMa
 }
 
 // Validates the weights and out against a's dims `ad` (nl batch axes, M rows,
-// K), N taken from out; fills L's weight, out and batch-map fields.
+// K), N taken from out (n_per_out weight rows per output column: 2 for the
+// SwiGLU epilogue); fills L's weight, out and batch-map fields.
 ffi::Error check_b_and_out(Dims ad, int nl, int64_t M, int64_t K, const ffi::AnyBuffer& b_data,
                            const ffi::AnyBuffer& b_scales, const ffi::AnyBuffer& b_g, int32_t b_sf_layout,
-                           int32_t b_packing, const ffi::AnyBuffer& out, Launch* L, int64_t* N) {
+                           int32_t b_packing, const ffi::AnyBuffer& out, Launch* L, int64_t* N,
+                           int64_t n_per_out = 1) {
   const Dims od = out.dimensions();
   if (static_cast<int>(od.size()) != nl + 2) return bad("out must have the rank of a");
-  *N = od[nl + 1];
+  *N = od[nl + 1] * n_per_out;
   int64_t b_lead[kMaxBatchRank] = {};
   if (auto e = check_weights(b_data, b_scales, b_g, b_sf_layout, b_packing, nl, *N, K, L, b_lead); e.failure())
     return e;
@@ -238,7 +240,8 @@ ffi::Error GemmW4A4QuantizeAImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Any
 ffi::Error prepare_fused(const ffi::AnyBuffer& a, const ffi::AnyBuffer* norm_w, const ffi::AnyBuffer* a_g,
                          const ffi::AnyBuffer& b_data, const ffi::AnyBuffer& b_scales, const ffi::AnyBuffer& b_g,
                          const ffi::AnyBuffer* residual, const ffi::AnyBuffer& out, int32_t prologue, float eps,
-                         int32_t b_sf_layout, int32_t b_packing, Launch* L, int64_t* M, int64_t* N, int64_t* K) {
+                         int32_t epilogue, int32_t b_sf_layout, int32_t b_packing, Launch* L, int64_t* M, int64_t* N,
+                         int64_t* K) {
   const Dims ad = a.dimensions();
   if (ad.size() != 2) return bad("a must have rank 2 ([M, K]; [M, 2K] for swiglu) in the fused GEMM");
   if (a.element_type() != ffi::DataType::BF16) return bad("a must be BF16 in the fused GEMM");
@@ -256,11 +259,21 @@ ffi::Error prepare_fused(const ffi::AnyBuffer& a, const ffi::AnyBuffer* norm_w, 
       return bad("a fused prologue or W4A4 needs M <= 8 and M * (2 * (K rounded up to 64) + 16) <= " +
                  std::to_string(kQaMaxBytes) + " bytes of shared memory");
   }
+  if (epilogue != kEpilogueNone && epilogue != kEpilogueSwiGluInterleaved) return bad("epilogue must be 0 or 1");
+  const bool swiglu_out = epilogue == kEpilogueSwiGluInterleaved;
+  if (swiglu_out) {
+    if (b_packing != 1) return bad("the swiglu epilogue needs sm90-packed weights (b_packing 1)");
+    if (residual != nullptr) return bad("the swiglu epilogue takes no residual");
+    if (out.element_type() != ffi::DataType::BF16) return bad("out must be BF16 with the swiglu epilogue");
+  }
   if (reinterpret_cast<uintptr_t>(a.untyped_data()) % 16 != 0) return bad("a is misaligned");
   const int64_t kd[2] = {*M, *K};
-  if (auto e = check_b_and_out(Dims(kd, 2), 0, *M, *K, b_data, b_scales, b_g, b_sf_layout, b_packing, out, L, N);
+  if (auto e = check_b_and_out(Dims(kd, 2), 0, *M, *K, b_data, b_scales, b_g, b_sf_layout, b_packing, out, L, N,
+                               swiglu_out ? 2 : 1);
       e.failure())
     return e;
+  if (swiglu_out && *N % 16 != 0)
+    return bad("the swiglu epilogue needs N % 16 == 0 (out [M, N/2]: gate and up rows interleaved by 8)");
   if (prologue == kPrologueRmsNorm) {
     if (norm_w == nullptr) return bad("rms_norm needs norm_w");
     const Dims wd = norm_w->dimensions();
@@ -281,6 +294,7 @@ ffi::Error prepare_fused(const ffi::AnyBuffer& a, const ffi::AnyBuffer* norm_w, 
   L->qa = w4a4 && prologue == kPrologueNone;
   L->p.prologue = prologue;
   L->p.eps = eps;
+  L->p.epilogue = epilogue;
   set_act(a, *M, *K, w4a4 ? static_cast<const float*>(a_g->untyped_data()) : nullptr, L);
   return ffi::Error::Success();
 }
@@ -298,16 +312,19 @@ const ffi::AnyBuffer* given(const ffi::AnyBuffer& x) { return x.element_count() 
 // (packed, M <= 8); with one, the fused kernel (packed, M <= 8). Where rows are
 // staged, M rows of qa_row_bytes(K) must fit kQaMaxBytes
 // (jaxfp4/primitives/fused_gemm.py checks the same before choosing this target).
+// epilogue 1 (kEpilogueSwiGluInterleaved, packed weights, bf16, no residual):
+// out [M, N/2] = silu(gate) * up of the rounded product (gate and up rows
+// interleaved by 8), in the packed kernel's store.
 // Unused operands (norm_w without prologue 1, a_g for W4A16, residual when
 // none) are empty.
 ffi::Error GemmFusedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer norm_w, ffi::AnyBuffer a_g,
                          ffi::AnyBuffer b_data, ffi::AnyBuffer b_scales, ffi::AnyBuffer b_g, ffi::AnyBuffer residual,
-                         ffi::Result<ffi::AnyBuffer> out, int32_t prologue, float eps, int32_t b_sf_layout,
-                         int32_t b_packing) {
+                         ffi::Result<ffi::AnyBuffer> out, int32_t prologue, float eps, int32_t epilogue,
+                         int32_t b_sf_layout, int32_t b_packing) {
   Launch L;
   int64_t M = 0, N = 0, K = 0;
   if (auto e = prepare_fused(a, given(norm_w), given(a_g), b_data, b_scales, b_g, given(residual), *out, prologue,
-                             eps, b_sf_layout, b_packing, &L, &M, &N, &K);
+                             eps, epilogue, b_sf_layout, b_packing, &L, &M, &N, &K);
       e.failure())
     return e;
   return finish(L, M, N, K, stream);
@@ -339,7 +356,7 @@ ffi::Error GemmW4A4DecodedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBu
   Launch L;
   int64_t M = 0, N = 0, K = 0;
   if (auto e = prepare_fused(*decoded, nullptr, nullptr, b_data, b_scales, *g_ab, given(residual), *out,
-                             kPrologueNone, 0.0f, b_sf_layout, b_packing, &L, &M, &N, &K);
+                             kPrologueNone, 0.0f, kEpilogueNone, b_sf_layout, b_packing, &L, &M, &N, &K);
       e.failure())
     return e;
   if (auto e = run_quantize_decoded(stream, a, a_g, b_g, *decoded, *g_ab, /*programmatic=*/false); e.failure())
@@ -369,13 +386,13 @@ ffi::Error in_context(const std::string& where, const ffi::Error& e) {
 // link before it finishes, hiding its start-up (session 14).
 ffi::Error GemmChainImpl(cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets,
                          ffi::Span<const int32_t> prologue, ffi::Span<const float> eps,
-                         ffi::Span<const int32_t> b_sf_layout, ffi::Span<const int32_t> b_packing,
+                         ffi::Span<const int32_t> epilogue, ffi::Span<const int32_t> b_sf_layout, ffi::Span<const int32_t> b_packing,
                          ffi::Span<const int32_t> res_from) {
   constexpr size_t kPerLink = 6, kMaxLinks = 8;
   const size_t n = rets.size();
   if (n == 0 || n > kMaxLinks) return bad("a chain has 1 to " + std::to_string(kMaxLinks) + " links");
   if (args.size() != 1 + kPerLink * n) return bad("a chain of n links takes 1 + 6 n operands");
-  if (prologue.size() != n || eps.size() != n || b_sf_layout.size() != n || b_packing.size() != n ||
+  if (prologue.size() != n || eps.size() != n || epilogue.size() != n || b_sf_layout.size() != n || b_packing.size() != n ||
       res_from.size() != n)
     return bad("a chain's attributes need one entry per link");
   // The call's buffers, in order: operands (a_0, then 6 per link) and results.
@@ -403,7 +420,8 @@ ffi::Error GemmChainImpl(cudaStream_t stream, ffi::RemainingArgs args, ffi::Rema
     }
     const ffi::AnyBuffer& a = i == 0 ? in[0] : outs[i - 1];
     if (auto e = prepare_fused(a, given(ops[0]), given(ops[1]), ops[2], ops[3], ops[4], residual, outs[i],
-                               prologue[i], eps[i], b_sf_layout[i], b_packing[i], &L[i], &M[i], &N[i], &K[i]);
+                               prologue[i], eps[i], epilogue[i], b_sf_layout[i], b_packing[i], &L[i], &M[i], &N[i],
+                               &K[i]);
         e.failure())
       return in_context(link, e);
     L[i].p.weights_ready = i > 0 ? 1 : 0;
@@ -430,6 +448,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmFusedCuda, jaxfp4::sm90_gemm::GemmFusedI
                                   .Ret<ffi::AnyBuffer>()  // out [M, N]
                                   .Attr<int32_t>("prologue")
                                   .Attr<float>("eps")
+                                  .Attr<int32_t>("epilogue")
                                   .Attr<int32_t>("b_sf_layout")
                                   .Attr<int32_t>("b_packing"),
                               {ffi::Traits::kCmdBufferCompatible});
@@ -457,6 +476,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmChainCuda, jaxfp4::sm90_gemm::GemmChainI
                                   .RemainingRets()  // per link out [M, N_i]
                                   .Attr<ffi::Span<const int32_t>>("prologue")
                                   .Attr<ffi::Span<const float>>("eps")
+                                  .Attr<ffi::Span<const int32_t>>("epilogue")
                                   .Attr<ffi::Span<const int32_t>>("b_sf_layout")
                                   .Attr<ffi::Span<const int32_t>>("b_packing")
                                   .Attr<ffi::Span<const int32_t>>("res_from"),

@@ -69,6 +69,35 @@ __device__ __forceinline__ void trace_stamp(int slot) {
 #endif
 
 constexpr int kPkWarps = JAXFP4_PK_WARPS;
+
+// Element idx of a group's reduction buffer (nc warps' stashes of F floats)
+// summed over the warps' K slices in a fixed tree order (deterministic).
+template <int NT, int W>
+__device__ __forceinline__ float stash_sum(const float* rb, int nc, int idx) {
+  constexpr int F = kTPW * NT * 4 * 32;
+  float v[W];
+#pragma unroll
+  for (int w = 0; w < W; ++w) v[w] = w < nc ? rb[w * F + idx] : 0.0f;
+#pragma unroll
+  for (int h = 1; h < W; h *= 2)
+#pragma unroll
+    for (int w = 0; w + h < W; w += 2 * h) v[w] += v[w + h];
+  return v[0];
+}
+
+// A group's outputs with the SwiGLU epilogue (kEpilogueSwiGluInterleaved): thread
+// h takes fragment elements j = 0, 1 (gate, row r) with their j + 2 (up, row
+// r + 8), stash elements idx and idx + 64.
+template <int NT, int W>
+__device__ __forceinline__ void store_group_swiglu(const Params& p, const float* rb, int nc, int f_end,
+                                                int64_t out_base, float alpha, int tile0, int m0) {
+  for (int h = threadIdx.x; h < f_end / 2; h += nc * 32) {
+    const int idx = (h & 63) | ((h >> 6) << 7);
+    const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
+    store_swiglu(p, out_base, alpha, (tile0 + tp) * 8 + (ln >> 2), m0 + 8 * nt + 2 * (ln & 3) + (j & 1),
+                 stash_sum<NT, W>(rb, nc, idx), stash_sum<NT, W>(rb, nc, idx + 64));
+  }
+}
 // Ring geometry per token-tile count (H200 measurements, benchmarks/kernel/NOTES.md):
 // one token tile (M <= 8) runs 2 chunks per warp and item (half the loop
 // overhead per weight); with 2 or 4 token tiles the extra activation
@@ -196,10 +225,15 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
-template <typename T, int NT, bool A4, int ACT = kActGlobal>
+// SWIGLU_OUT: the store is the SwiGLU epilogue (p.epilogue == kEpilogueSwiGluInterleaved,
+// bf16 W4A16 only). A template flag, not a branch on p.epilogue: with the branch in
+// every kernel the ordinary kernels' register allocation changed (an 8-byte spill at
+// 4 token tiles; driver, H100: 1-3% slower at M = 16).
+template <typename T, int NT, bool A4, int ACT = kActGlobal, bool SWIGLU_OUT = false>
 __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_kernel(const __grid_constant__ Params p) {
   static_assert(ACT == kActGlobal || (NT == 1 && !A4 && std::is_same<T, __nv_bfloat16>::value),
                 "activations staged in shared memory: M <= 8, bf16 operands");
+  static_assert(!SWIGLU_OUT || (!A4 && std::is_same<T, __nv_bfloat16>::value), "the SwiGLU epilogue: bf16 W4A16");
   constexpr bool QA = ACT == kActQuantize;
   using Cfg = PkCfg<NT>;
   constexpr int S = Cfg::kStages;
@@ -456,16 +490,13 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     // A one-tile group stores its first tile only (the next tile is another CTA's):
     // the stash puts tile tp at [tp * F / kTPW, (tp + 1) * F / kTPW).
     const int f_end = pair ? F : F / kTPW;
-    for (int idx = threadIdx.x; idx < f_end; idx += nc * 32) {
-      float v[Cfg::kWarps];
-#pragma unroll
-      for (int w = 0; w < Cfg::kWarps; ++w) v[w] = w < nc ? rb[w * F + idx] : 0.0f;
-#pragma unroll
-      for (int h = 1; h < Cfg::kWarps; h *= 2)
-#pragma unroll
-        for (int w = 0; w + h < Cfg::kWarps; w += 2 * h) v[w] += v[w + h];
-      const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
-      store_frag(p, out_base, alpha, tile0, pro.m0, tp, nt, j, ln, v[0]);
+    if constexpr (SWIGLU_OUT) {
+      store_group_swiglu<NT, Cfg::kWarps>(p, rb, nc, f_end, out_base / 2, alpha, tile0, pro.m0);
+    } else {
+      for (int idx = threadIdx.x; idx < f_end; idx += nc * 32) {
+        const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
+        store_frag(p, out_base, alpha, tile0, pro.m0, tp, nt, j, ln, stash_sum<NT, Cfg::kWarps>(rb, nc, idx));
+      }
     }
     if constexpr (Cfg::kRedBufs == 1) consumers_sync(nc);  // the buffer is read before it is rewritten
   }
