@@ -12,8 +12,8 @@ W4A4, fewer activation quantizations. With fuse_neighbours (the default) the
 NVFP4 projections take the layer's RMSNorms and SwiGLU as prologues and its
 residual adds (jaxfp4.matmul's prologue and residual: in the GEMM kernel on the
 GPU at decode batch sizes); the same model as the separate ops, which the bf16
-model runs; chained (the default with both), o_proj, gate_up_proj and down_proj
-are one jaxfp4.matmul_chain. `attention`: a decode step's attention over the KV
+model runs; chained (the default with both), o_proj, gate_up_proj, down_proj and
+the next layer's qkv_proj are one jaxfp4.matmul_chain. `attention`: a decode step's attention over the KV
 cache as XLA einsums and softmax, or cuDNN's fused kernel (GPU). Weights: random_params (scaled normal,
 made on the device per projection; fused or not, the same bf16 model),
 checkpoint_params (a jaxfp4.checkpoint's linears dequantized, the bf16
@@ -160,8 +160,8 @@ class Projections(nn.Module):
                     fuse_neighbours=self.fuse_neighbours, attention=self.attention, chain=self.chain)
 
     def chained(self) -> bool:
-        """Whether a layer's o_proj, gate_up_proj and down_proj run as one
-        jaxfp4.matmul_chain (NVFP4 with its neighbours fused, one static input
+        """Whether a layer's o_proj, gate_up_proj, down_proj and the next layer's
+        qkv_proj run as one jaxfp4.matmul_chain (NVFP4 with its neighbours fused, one static input
         scale each for W4A4): on the GPU at batch 1 one custom call whose GEMMs
         overlap their neighbours' start and end; elsewhere the same ops as
         separate calls."""
@@ -169,12 +169,13 @@ class Projections(nn.Module):
                 and (self.linear == "w4a16" or self.static_input_scale))
 
     def apply_proj(self, name: str, features: int, x: jax.Array, prologue: Any = None,
-                   residual: jax.Array | None = None) -> jax.Array:
-        """residual + proj(prologue(x)): one jaxfp4 Dense call, or separate ops."""
+                   residual: jax.Array | None = None, epilogue: Any = None) -> jax.Array:
+        """residual + epilogue(proj(prologue(x))): one jaxfp4 Dense call, or separate ops."""
         layer = self.proj(name, features)
         if self.linear != "bf16" and self.fuse_neighbours:
-            return layer(x, prologue=prologue, residual=residual)
+            return layer(x, prologue=prologue, residual=residual, epilogue=epilogue)
         y = layer(prologue(x) if prologue is not None else x)
+        y = y if epilogue is None else epilogue(y)
         return y if residual is None else residual + y
 
     def projs(self, name: str, x: jax.Array, *features: int, prologue: Any = None) -> list[jax.Array]:
@@ -198,13 +199,19 @@ class Attention(Projections):
 
     @nn.compact
     def __call__(self, x: jax.Array, norm: jaxfp4.RMSNorm, positions: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None, chained: bool = False) -> tuple[Any, ...]:
-        """(x + o_proj(attention), cache); chained: (attention, cache, o_proj's chain link)."""
+                 kv: tuple[jax.Array, jax.Array] | None, chained: bool = False,
+                 qkv: jax.Array | None = None, qkv_link: bool = False) -> Any:
+        """(x + o_proj(attention), cache); chained: (attention, cache, o_proj's chain link).
+        qkv: the fused qkv_proj(norm(x)) if already computed (the previous layer's chain
+        link); qkv_link: only return that link (qkv_proj with the norm as prologue)."""
         c = self.cfg
+        sizes = tuple(n * c.head_dim for n in (c.heads, c.kv_heads, c.kv_heads))
+        if qkv_link:
+            return self.proj("qkv_proj", sum(sizes)).link(c.hidden, prologue=norm)
         b, s, _ = x.shape
-        q, k, v = (y.reshape(b, s, -1, c.head_dim) for y in
-                   self.projs("qkv_proj", x, *(n * c.head_dim for n in (c.heads, c.kv_heads, c.kv_heads)),
-                              prologue=norm))
+        parts = (self.projs("qkv_proj", x, *sizes, prologue=norm) if qkv is None
+                 else jnp.split(qkv, np.cumsum(sizes[:-1]), axis=-1))
+        q, k, v = (y.reshape(b, s, -1, c.head_dim) for y in parts)
         freqs = inv_freq(c)
         q, k = rope(q, positions, freqs), rope(k, positions, freqs)
         if kv is None:  # no cache: attend to this call's tokens
@@ -234,16 +241,23 @@ class Attention(Projections):
 
 
 class MLP(Projections):
-    """x + mlp(norm(x)): SwiGLU (jaxfp4.SwiGLU, float32 inside)."""
+    """x + mlp(norm(x)): SwiGLU (float32 inside). The fused NVFP4 model's
+    gate_up_proj weight is jaxfp4.interleave_gate_up(gate, up) (nvfp4_params),
+    whose output's SwiGLU is its epilogue (jaxfp4.InterleavedSwiGLU: in the
+    GEMM's store on the GPU); the bf16 model's is [gate | up] (jaxfp4.SwiGLU)."""
 
     @nn.compact
     def __call__(self, x: jax.Array, norm: jaxfp4.RMSNorm, links: bool = False) -> Any:
         """x + mlp(norm(x)); links: gate_up_proj's and down_proj's chain links
         instead, down_proj's residual link 0 (the chain's o_proj: x)."""
         c = self.cfg
+        swiglu = jaxfp4.InterleavedSwiGLU()
         if links:
-            return [self.proj("gate_up_proj", 2 * c.ffn).link(c.hidden, prologue=norm),
-                    self.proj("down_proj", c.hidden).link(c.ffn, prologue=jaxfp4.SwiGLU(), residual=0)]
+            return [self.proj("gate_up_proj", 2 * c.ffn).link(c.hidden, prologue=norm, epilogue=swiglu),
+                    self.proj("down_proj", c.hidden).link(c.ffn, residual=0)]
+        if self.fused and self.linear != "bf16":  # the SwiGLU in gate_up_proj's epilogue
+            act = self.apply_proj("gate_up_proj", 2 * c.ffn, x, norm, epilogue=swiglu)
+            return self.apply_proj("down_proj", c.hidden, act, residual=x)
         if self.fused:  # down_proj takes gate_up_proj's [gate | up] through its prologue
             gate_up = self.apply_proj("gate_up_proj", 2 * c.ffn, x, norm)
             return self.apply_proj("down_proj", c.hidden, gate_up, jaxfp4.SwiGLU(), residual=x)
@@ -254,17 +268,24 @@ class MLP(Projections):
 
 class Block(Projections):
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, kv: Any) -> tuple[jax.Array, Any]:
+    def __call__(self, x: jax.Array, positions: jax.Array, kv: Any, qkv: jax.Array | None = None,
+                 next_qkv: jaxfp4.Link | None = None, qkv_link: bool = False) -> Any:
+        """(x, cache, the next layer's qkv or None). Chained: o_proj, the MLP and (given
+        next_qkv, the next layer's qkv_proj link) one jaxfp4.matmul_chain; qkv: this
+        layer's qkv_proj output from the previous layer's chain. qkv_link: only return
+        this layer's qkv_proj link (for the previous layer's chain)."""
         kw, c = self.settings(), self.cfg
         attn, mlp = Attention(**kw, name="self_attn"), MLP(**kw, name="mlp")
         norm1 = RMSNorm(c.hidden, c.norm_eps, name="input_layernorm").spec()
+        if qkv_link:
+            return attn(None, norm1, None, None, qkv_link=True)
         norm2 = RMSNorm(c.hidden, c.norm_eps, name="post_attention_layernorm").spec()
         if self.chained():  # x + o_proj(attention), then the MLP with its residual, as one chain
-            out, kv, o_link = attn(x, norm1, positions, kv, chained=True)
-            _, _, x = jaxfp4.matmul_chain(out, [o_link, *mlp(x, norm2, links=True)])
-            return x, kv
+            out, kv, o_link = attn(x, norm1, positions, kv, chained=True, qkv=qkv)
+            outs = jaxfp4.matmul_chain(out, [o_link, *mlp(x, norm2, links=True), *([next_qkv] if next_qkv else [])])
+            return outs[2], kv, outs[3] if next_qkv else None
         x, kv = attn(x, norm1, positions, kv)
-        return mlp(x, norm2), kv
+        return mlp(x, norm2), kv, None
 
 
 class Decoder(Projections):
@@ -292,9 +313,14 @@ class Decoder(Projections):
     def __call__(self, tokens: jax.Array, positions: jax.Array,
                  cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
         x = self.embed_tokens(tokens)
-        new_cache = []
+        new_cache, qkv = [], None
+        # Chained (and qkv_proj without a bias, which a link cannot add): the next layer's
+        # qkv_proj is this layer's chain's last link (its weights stream in while down_proj finishes).
+        link_qkv = self.chained() and not any(p in self.cfg.bias for p in FUSED["qkv_proj"])
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, positions, None if cache is None else cache[i])
+            nxt = self.layers[i + 1](None, None, None, qkv_link=True) if link_qkv and i + 1 < len(self.layers) \
+                else None
+            x, kv, qkv = layer(x, positions, None if cache is None else cache[i], qkv=qkv, next_qkv=nxt)
             new_cache.append(kv)
         if self.head == "nvfp4" and self.fuse_neighbours:
             logits = self.lm_head(x, prologue=self.norm.spec())
@@ -342,6 +368,18 @@ def fuse_params(params: Params) -> Params:
         return out
     return {k: {m: fuse(v) for m, v in layer.items()} if k.startswith("layers_") else layer
             for k, layer in params.items()}
+
+
+def interleave_mlp(layer: Params) -> Params:
+    """A fused layer's bf16 params with gate_up_proj's kernel [K, gate | up]
+    (and bias) interleaved as jaxfp4.interleave_gate_up orders the NVFP4 model's
+    rows (the order its SwiGLU epilogue pairs); unfused layers as they are."""
+    mlp = layer.get("mlp", {})
+    if "gate_up_proj" not in mlp:
+        return layer
+    gate_up = {name: jaxfp4.interleave_gate_up(*jnp.split(x, 2, axis=-1), axis=-1)
+               for name, x in mlp["gate_up_proj"].items()}
+    return {**layer, "mlp": {**mlp, "gate_up_proj": gate_up}}
 
 
 def concat_rows(ws: list[jaxfp4.NVFP4Tensor]) -> jaxfp4.NVFP4Tensor:
@@ -426,19 +464,23 @@ def nvfp4_params(params: Params, mode: str, packing: str | None, ckpt: Any = Non
     """The NVFP4 model's params (fused like the bf16 `params`): without a
     checkpoint jaxfp4.flax.quantize_params of the bf16 params (every nn.Dense
     kernel quantized; jitted, one layer at a time), else dense_params of the
-    checkpoint's linears (a fused one: concat_rows of its parts). The other
+    checkpoint's linears (a fused one: concat_rows of its parts). A fused
+    gate_up_proj's rows are gate's and up's interleaved (interleave_mlp), the
+    order of MLP's SwiGLU epilogue. The other
     tensors, biases included, are shared with `params` (no copy). W4A4 with
     static activation scales: `input_scales` {projection path: g_a} are added.
     head="nvfp4" (Decoder.head): the lm_head is nvfp4_head's, else the bf16 one."""
     if ckpt is None:
-        quantize = jax.jit(partial(jfx.quantize_params, mode=mode, packing=packing))
+        quantize = jax.jit(lambda layer: jfx.quantize_params(interleave_mlp(layer), mode=mode, packing=packing))
         out = traverse_util.flatten_dict({k: quantize(v) if k.startswith("layers_") else v
                                           for k, v in params.items()})
     else:
         flat = traverse_util.flatten_dict(params)
         out = {path: x for path, x in flat.items() if path[-1] != "kernel"}
         for path in (p[:-1] for p in flat if p[-1] == "kernel"):
-            dense = jfx.dense_params(concat_rows([lw.weight for lw in parts(ckpt, path)]), packing=packing)
+            ws = [lw.weight for lw in parts(ckpt, path)]
+            w = jaxfp4.interleave_gate_up(*ws) if path[-1] == "gate_up_proj" else concat_rows(ws)
+            dense = jfx.dense_params(w, packing=packing)
             out.update({(*path, k): v for k, v in dense.items()})
     out.update({(*path, "input_scale"): g for path, g in (input_scales or {}).items()})
     if head == "nvfp4":  # replaces the bf16 lm_head (tied: adds one beside embed_tokens)

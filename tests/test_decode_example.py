@@ -123,8 +123,9 @@ def test_fused_projections_are_the_same_bf16_model():
 
 def test_neighbours_fused_into_the_nvfp4_projections():
     """W4A16 decode step: every projection and the lm_head is one fused GEMM taking the
-    layer's norm (qkv_proj, gate_up_proj, lm_head), the SwiGLU (down_proj) or the residual
-    (o_proj, down_proj); the logits are those of the same ops run separately."""
+    layer's norm (qkv_proj, gate_up_proj, lm_head), the SwiGLU (gate_up_proj's epilogue:
+    its weight rows interleaved) or the residual (o_proj, down_proj); the logits are those
+    of the same ops run separately."""
     cfg = decode.CONFIGS["tiny"]
     with _cpu():
         base = decode.random_params(cfg, seed=6)
@@ -132,12 +133,15 @@ def test_neighbours_fused_into_the_nvfp4_projections():
         cache, tok, pos = decode.init_cache(cfg, 2, 8), jnp.zeros((2, 1), jnp.int32), jnp.array([3])
         model = decode.Decoder(cfg, "w4a16", head="nvfp4")
         jaxpr = jax.make_jaxpr(lambda p, c: model.apply({"params": p}, tok, pos, c))(params, cache).jaxpr
-        fused = [(p["prologue"], res) for p, res in _fused_gemms(jaxpr)]
-        layer = [("rms_norm", False), ("none", True), ("rms_norm", False), ("swiglu", True)]
-        assert fused == layer * cfg.layers + [("rms_norm", False)]
-        # o_proj, gate_up_proj and down_proj as one chain (down_proj's residual: o_proj's output)
+        fused = [(p["prologue"], p["epilogue"], res) for p, res in _fused_gemms(jaxpr)]
+        layer = [("rms_norm", "none", False), ("none", "none", True), ("rms_norm", "swiglu_interleaved", False),
+                 ("none", "none", True)]
+        assert fused == layer * cfg.layers + [("rms_norm", "none", False)]
+        # o_proj, gate_up_proj, down_proj (its residual: o_proj's output) and the next layer's
+        # qkv_proj as one chain; the first qkv_proj on its own, the last chain without it
         chains = list(_eqns(jaxpr, gemm_chain_p))
-        assert len(chains) == cfg.layers and all(e.params["res_from"] == (-1, -1, 0) for e in chains)
+        assert len(chains) == cfg.layers
+        assert [e.params["res_from"] for e in chains] == [(-1, -1, 0, -1)] * (cfg.layers - 1) + [(-1, -1, 0)]
         assert not list(_eqns(jaxpr, gemm_p))
         # Op by op the same bits (under jit XLA may keep an unfused residual sum in float32
         # for the norm that reads it: excess precision, about a bf16 ulp per layer).
