@@ -23,10 +23,11 @@ random weights nvfp4 (every projection NVFP4). Tied embeddings: the NVFP4
 lm_head is a quantized copy of the table; the token lookup stays bf16. The
 bf16 baseline keeps a bf16 lm_head (a checkpoint's quantized one dequantized).
 
-With fused projections and neighbours, each layer's o_proj, gate_up_proj and
-down_proj run as one jaxfp4.matmul_chain (on the GPU at batch 1 one custom call
-whose GEMMs overlap each other's start and end; --no-chain: separate ops, the
-same values). Every model's decode-step attention (--attention) is cuDNN's
+With fused projections and neighbours, the NVFP4 gate_up_proj's SwiGLU is its
+epilogue (its weight rows interleaved by jaxfp4.interleave_gate_up), and each
+layer's o_proj, gate_up_proj, down_proj and the next layer's qkv_proj run as
+one jaxfp4.matmul_chain (on the GPU at batch 1 one custom call whose GEMMs
+overlap each other's start and end; --no-chain: separate ops, the same values). Every model's decode-step attention (--attention) is cuDNN's
 fused kernel on a GPU (jax.nn.dot_product_attention) and XLA's einsums and
 softmax elsewhere.
 
@@ -330,9 +331,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print("projections: " + ("fused qkv_proj, gate_up_proj" if fused else "unfused (--no-fuse)" if not args.fuse
                              else "unfused (the checkpoint's q/k/v or gate/up global scales differ)"))
     print("NVFP4 models: RMSNorms, SwiGLU and residual adds " +
-          ("in the projections (jaxfp4.matmul prologue/residual)" if args.fuse_neighbours
+          ("in the projections (jaxfp4.matmul prologue/residual/epilogue)" if args.fuse_neighbours
            else "as separate ops (--no-fuse-neighbours)") +
-          ("; o_proj + MLP as one jaxfp4.matmul_chain" if args.fuse_neighbours and fused and args.chain else ""))
+          ("; o_proj + MLP + the next qkv_proj as one jaxfp4.matmul_chain"
+           if args.fuse_neighbours and fused and args.chain else ""))
     print(f"attention (decode steps, every model): {args.attention}")
     head, how = lm_head(args, cfg, ckpt)
     print(how)
