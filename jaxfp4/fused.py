@@ -80,8 +80,22 @@ class RMSNorm:
         return f"RMSNorm(weight={getattr(self.weight, 'shape', '?')}, eps={self.eps})"
 
 
+class _NoLeaves:
+    """A pytree without leaves: the class alone says what it computes."""
+
+    def tree_flatten(self):
+        return (), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 @jax.tree_util.register_pytree_node_class
-class SwiGLU:
+class SwiGLU(_NoLeaves):
     """SwiGLU([gate | up]) = silu(gate) * up = gate * sigmoid(gate) * up in
     float32, rounded to x's dtype; x [..., 2K] holds gate in its first K
     columns and up in the last K (a fused gate_up projection's output)."""
@@ -94,16 +108,6 @@ class SwiGLU:
     def __call__(self, x: jax.Array) -> jax.Array:
         gate, up = jnp.split(x, 2, axis=-1)
         return _swiglu(gate, up, x.dtype)
-
-    def tree_flatten(self):
-        return (), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls()
-
-    def __repr__(self) -> str:
-        return "SwiGLU()"
 
 
 Prologue = Union[RMSNorm, SwiGLU]
@@ -121,7 +125,7 @@ def _swiglu(gate: jax.Array, up: jax.Array, dtype: Any) -> jax.Array:
 
 
 @jax.tree_util.register_pytree_node_class
-class InterleavedSwiGLU:
+class InterleavedSwiGLU(_NoLeaves):
     """The SwiGLU as a GEMM epilogue: y [..., 2 N_gate] -> silu(gate) * up
     [..., N_gate] in float32, rounded to y's dtype, where y's columns are gate
     and up interleaved in blocks of GATE_UP_BLOCK (8): gate 0-7, up 0-7, gate
@@ -147,16 +151,6 @@ class InterleavedSwiGLU:
         blocks = y.reshape(*y.shape[:-1], n // (2 * GATE_UP_BLOCK), 2, GATE_UP_BLOCK)
         gate, up = (blocks[..., i, :].reshape(*y.shape[:-1], n // 2) for i in (0, 1))
         return _swiglu(gate, up, y.dtype)
-
-    def tree_flatten(self):
-        return (), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls()
-
-    def __repr__(self) -> str:
-        return "InterleavedSwiGLU()"
 
 
 Epilogue = InterleavedSwiGLU

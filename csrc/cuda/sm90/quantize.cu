@@ -178,16 +178,22 @@ ffi::Error prepare(const char* who, ffi::AnyBuffer x, const int64_t* g_dims, int
   return ffi::Error::Success();
 }
 
+// The CTAs (kThreads each) of `kernel` one wave holds on device dev: its
+// occupancy (cached per kernel in `occupancy`; 2 a SM if the query fails), at
+// most kMaxBlocksPerSm a SM.
+int64_t wave_ctas(const void* kernel, std::atomic<int> (&occupancy)[kMaxDevices], int dev) {
+  int per_sm = resident_ctas(kernel, kThreads, 0, occupancy, dev);
+  per_sm = per_sm <= 0 ? 2 : std::min(per_sm, kMaxBlocksPerSm);
+  return static_cast<int64_t>(sm_count(dev)) * per_sm;
+}
+
 template <typename T, SfLayout L, bool kOneG>
 ffi::Error launch_quantize_as(cudaStream_t stream, const QuantizeParams& p) {
   const int64_t pad = (p.pad_words + p.pad_bytes) * p.batch;
   if (p.blocks == 0 && pad == 0) return ffi::Error::Success();
-  const int dev = current_device();
   static std::atomic<int> occupancy[kMaxDevices];
   auto kernel = quantize_kernel<T, L, kOneG>;
-  int per_sm = resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, 0, occupancy, dev);
-  per_sm = per_sm <= 0 ? 2 : std::min(per_sm, kMaxBlocksPerSm);
-  const int64_t cap = static_cast<int64_t>(sm_count(dev)) * per_sm;
+  const int64_t cap = wave_ctas(reinterpret_cast<const void*>(kernel), occupancy, current_device());
   // Up to one scale block per thread (small M: all loads at once), then the
   // persistent grid (large M: kUnroll blocks per loop trip).
   const int64_t work = std::max<int64_t>(p.blocks, pad);
@@ -216,15 +222,13 @@ ffi::Error launch_quantize_layout(cudaStream_t stream, int32_t sf_layout, const 
 
 template <typename T>
 ffi::Error launch_quantize_decoded_as(cudaStream_t stream, const QuantizeParams& p, bool programmatic) {
-  const int dev = current_device();
   static std::atomic<int> occupancy[kMaxDevices];
   auto kernel = quantize_decoded_kernel<T>;
-  int per_sm = resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, 0, occupancy, dev);
-  per_sm = per_sm <= 0 ? 2 : std::min(per_sm, kMaxBlocksPerSm);
+  const int64_t cap = wave_ctas(reinterpret_cast<const void*>(kernel), occupancy, current_device());
   // Four lanes a scale block, up to a full wave (then a grid-stride loop); at
   // least one CTA, which also writes g * g_b.
   const int64_t want = (4 * static_cast<int64_t>(p.blocks) + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{sm_count(dev)} * per_sm)));
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, cap)));
   const cudaError_t err = launch_dependent_if(programmatic, kernel, dim3(blocks), dim3(kThreads), 0, stream, p);
   if (err != cudaSuccess) {
     return ffi::Error::Internal(std::string("jaxfp4 quantize_decoded launch: ") + cudaGetErrorString(err));
