@@ -8,8 +8,8 @@ kernel's product without the epilogue (the same sums, so the same bf16 gate
 and up values) de-interleaved, then silu(gate) * up in float64 rounded once to
 bf16: the kernel's float32 __expf / __fdividef may land one bf16 ulp away near
 a rounding tie, as the staged SwiGLU prologue's (test_gpu_fused.py), and below
-gate = -87 (exp(-gate) overflows float32, as in jnp's float32 SwiGLU) it gives
-+-0 where the exact value is a bf16 number under 1e-33."""
+gate = -87 (exp(-gate) overflows float32, as in jnp's float32 SwiGLU) it may
+give +-0 where the exact value is a tiny bf16 number."""
 
 from __future__ import annotations
 
@@ -50,9 +50,14 @@ def swiglu_of_product(product):
 def assert_swiglu_close(got, product):
     got, want = np.asarray(got, np.float32), swiglu_of_product(product)
     assert got.shape == want.shape and np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, rtol=2.0 ** -7, atol=1e-33)
-    sizable = np.abs(want) > 1e-33
-    assert np.mean(got[sizable] != want[sizable]) < 0.005, "more than a few last-bit differences"
+    # Where float32's exp(-gate) overflows (gate < -88.7; the approximation may give up
+    # a little earlier) the kernel's +-0 or the exact value both pass.
+    y = np.asarray(product, np.float32)
+    gate = y.reshape(y.shape[0], -1, 2, GATE_UP_BLOCK)[:, :, 0].reshape(want.shape)
+    under = gate < -87
+    assert (np.abs(got - want) <= np.abs(want))[under].all()
+    np.testing.assert_allclose(got[~under], want[~under], rtol=2.0 ** -7, atol=0)
+    assert np.mean(got[~under] != want[~under]) < 0.005, "more than a few last-bit differences"
 
 
 def _run(fn, *args):
