@@ -40,6 +40,15 @@
 #ifndef JAXFP4_ACT_AHEAD_MAX_NT
 #define JAXFP4_ACT_AHEAD_MAX_NT 1  // the most token tiles that load activations an item ahead
 #endif
+#ifndef JAXFP4_PK_CPI_N16
+#define JAXFP4_PK_CPI_N16 1  // chunks per consumer warp and item for 8 < M <= 16
+#endif
+#ifndef JAXFP4_PK_STAGES_N16
+#define JAXFP4_PK_STAGES_N16 4  // ring stages for 8 < M <= 16
+#endif
+#ifndef JAXFP4_PK_STAGES_N32
+#define JAXFP4_PK_STAGES_N32 4  // ring stages for 16 < M <= 32
+#endif
 #ifndef JAXFP4_PK_CPI_N8
 #define JAXFP4_PK_CPI_N8 2  // chunks per consumer warp and item for M <= 8
 #endif
@@ -105,8 +114,8 @@ __device__ __forceinline__ void store_group_swiglu(const Params& p, const float*
 template <int NT>
 struct PkCfg {
   static constexpr int kWarps = kPkWarps;       // most consumer warps
-  static constexpr int kCpi = NT == 1 ? JAXFP4_PK_CPI_N8 : 1;  // chunks per consumer warp and item
-  static constexpr int kStages = NT == 1 ? JAXFP4_PK_STAGES_N8 : 4;  // ring stages
+  static constexpr int kCpi = NT == 1 ? JAXFP4_PK_CPI_N8 : NT == 2 ? JAXFP4_PK_CPI_N16 : 1;  // chunks per warp and item
+  static constexpr int kStages = NT == 1 ? JAXFP4_PK_STAGES_N8 : NT == 2 ? JAXFP4_PK_STAGES_N16 : JAXFP4_PK_STAGES_N32;
   // Reduction buffers: two alternate by group (one barrier per group); with four
   // token tiles one (their size would crowd out the ring), and a second barrier.
   static constexpr int kRedBufs = NT == 4 ? 1 : 2;
