@@ -129,13 +129,17 @@ def _check_prologue(prologue: Any, where: str) -> None:
                         f"got {type(prologue).__name__}")
 
 
-def _check_epilogue(epilogue: Any, use_bias: bool, where: str) -> None:
+def _check_epilogue(epilogue: Any, use_bias: bool, features: int, where: str) -> None:
     if epilogue is None:
         return
     if not isinstance(epilogue, EPILOGUES):
         raise TypeError(f"{where}: epilogue must be jaxfp4.InterleavedSwiGLU or None, got {type(epilogue).__name__}")
     if use_bias:
         raise ValueError(f"{where}: an epilogue needs use_bias=False (the bias would come before the SwiGLU)")
+    try:
+        epilogue.check(features)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 class _LinkRequest(NamedTuple):
@@ -285,7 +289,7 @@ class Dense(nn.Module):
         x = self._check_x(x)
         where = self._where()
         _check_prologue(prologue, where)
-        _check_epilogue(epilogue, self.use_bias, where)
+        _check_epilogue(epilogue, self.use_bias, self.features, where)
         k_in, lead = x.shape[-1], tuple(x.shape[:-1])
         k = k_in // prologue.in_features(1) if prologue is not None else k_in
         n_out = self.features if epilogue is None else epilogue.out_features(self.features)
@@ -313,8 +317,6 @@ class Dense(nn.Module):
             a = prologue(a)
         y = self._project(a, w, m, dt, out_dt).reshape(*lead, self.features)
         if epilogue is not None:
-            if self.features % 16:
-                raise ValueError(f"{where}: epilogue InterleavedSwiGLU needs features % 16 == 0, got {self.features}")
             y = epilogue(y)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), dt).astype(out_dt)
@@ -340,7 +342,7 @@ class Dense(nn.Module):
             raise ValueError(f"{where}: a w4a4 chain link needs static_input_scale=True (the chain cannot "
                              "compute a dynamic global scale between its links)")
         _check_prologue(prologue, where)
-        _check_epilogue(epilogue, self.use_bias, where)
+        _check_epilogue(epilogue, self.use_bias, self.features, where)
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"{where}: in_features must be a positive int, got {k!r}")
         check_k(k, where, "in_features, K={k},")

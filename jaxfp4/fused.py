@@ -155,6 +155,7 @@ class InterleavedSwiGLU(_NoLeaves):
 
 Epilogue = InterleavedSwiGLU
 EPILOGUES = (InterleavedSwiGLU,)
+EPILOGUE_BY_KIND = {e.kind: e() for e in EPILOGUES}  # fused_gemm_p's `epilogue` param -> the epilogue
 
 
 def add_residual(y: jax.Array, residual: jax.Array) -> jax.Array:

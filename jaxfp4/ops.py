@@ -360,22 +360,22 @@ def interleave_gate_up(gate: NVFP4Tensor | jax.Array, up: NVFP4Tensor | jax.Arra
                              "together, e.g. the concatenated bf16 weight, or requantize)")
         layout = gate.sf_layout
         g, u = gate.with_sf_layout("linear"), up.with_sf_layout("linear")
-        data = _interleave_rows(g.data, u.data, -2, "gate")
-        scales = _interleave_rows(g.scales, u.scales, -2, "gate")
+        data = _interleave_rows(g.data, u.data, -2)
+        scales = _interleave_rows(g.scales, u.scales, -2)
         return NVFP4Tensor(data, scales, gate.global_scale, "linear").with_sf_layout(layout)
     gate, up = jnp.asarray(gate), jnp.asarray(up)
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate and up must have equal shapes and dtypes, got {gate.shape} {gate.dtype} and "
                          f"{up.shape} {up.dtype}")
-    return _interleave_rows(gate, up, axis, "gate")
+    return _interleave_rows(gate, up, axis)
 
 
-def _interleave_rows(x: jax.Array, y: jax.Array, axis: int, arg: str) -> jax.Array:
+def _interleave_rows(x: jax.Array, y: jax.Array, axis: int) -> jax.Array:
     """x and y alternating in blocks of GATE_UP_BLOCK along axis."""
     axis = axis % x.ndim
     n = x.shape[axis]
     if n % GATE_UP_BLOCK != 0:
-        raise ValueError(f"{arg} must have a multiple of {GATE_UP_BLOCK} rows along axis {axis} to interleave, got {n}")
+        raise ValueError(f"gate must have a multiple of {GATE_UP_BLOCK} rows along axis {axis} to interleave, got {n}")
     blocks = [z.reshape(*z.shape[:axis], n // GATE_UP_BLOCK, 1, GATE_UP_BLOCK, *z.shape[axis + 1:]) for z in (x, y)]
     both = jnp.concatenate(blocks, axis=axis + 1)
     return both.reshape(*x.shape[:axis], 2 * n, *x.shape[axis + 1:])

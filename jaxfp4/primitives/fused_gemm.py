@@ -8,9 +8,10 @@ batch axes (ops.matmul folds a's leading axes into M). An empty operand is
 unused: norm_weight without the rms_norm prologue, a_g for W4A16 (with a_g the
 prologue's output is quantized as `quantize(prologue(a), a_g)`, then the W4A4
 GEMM), residual when there is none. Params: prologue ("none", "rms_norm",
-"swiglu"), eps, epilogue ("none", "swiglu_interleaved"), quantize_a (whether a_g is given), a_sf_layout (W4A4: the
-layout the composition quantizes into; the result does not depend on it; None
-for W4A16), b_sf_layout, b_packing, b_shape (the logical (N, K)), out_dtype.
+"swiglu"), eps, epilogue ("none", or an epilogue's kind: "swiglu_interleaved"),
+quantize_a (whether a_g is given), a_sf_layout (W4A4: the layout the
+composition quantizes into; the result does not depend on it; None for W4A16),
+b_sf_layout, b_packing, b_shape (the logical (N, K)), out_dtype.
 
 Kernel choice (cuda): `jaxfp4_gemm_fused` where `fused_fits` (bf16 a; W4A4
 and prologues need sm90-packed weights and rows staged in shared memory, as
@@ -35,7 +36,7 @@ import numpy as np
 from jax.core import ShapedArray
 
 from jaxfp4 import format as fmt
-from jaxfp4.fused import InterleavedSwiGLU, RMSNorm, SwiGLU, add_residual
+from jaxfp4.fused import EPILOGUE_BY_KIND, RMSNorm, SwiGLU, add_residual
 from jaxfp4.primitives import _common
 from jaxfp4.primitives.gemm import (PACKING_IDS, SMALL_M_MAX, gemm_p, quantize_a_fits, quantize_decoded_fits,
                                     w4a4_decoded)
@@ -80,9 +81,9 @@ def native_fits(m: int, a_dtype, norm_dtype, has_residual: bool, params: dict) -
 
 
 def out_features(params: dict) -> int:
-    """The op's output columns: N, or N/2 with the SwiGLU epilogue."""
+    """The op's output columns: N, or what the epilogue makes of N."""
     n = params["b_shape"][0]
-    return n // 2 if params["epilogue"] == "swiglu_interleaved" else n
+    return n if params["epilogue"] == "none" else EPILOGUE_BY_KIND[params["epilogue"]].out_features(n)
 
 
 def _abstract_eval(a, norm_weight, a_g, b_data, b_scales, b_g, residual, **params):
@@ -108,8 +109,8 @@ def _compose(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, 
     else:
         (out,) = gemm_p.bind(x[None], b_data[None], b_scales[None], b_g[None], mode="w4a16", a_sf_layout=None, **b)
     out = out[0]
-    if epilogue == "swiglu_interleaved":
-        out = InterleavedSwiGLU()(out)
+    if epilogue != "none":
+        out = EPILOGUE_BY_KIND[epilogue](out)
     return (add_residual(out, residual) if residual.size else out,)
 
 

@@ -107,10 +107,12 @@ __device__ __forceinline__ void store_group_swiglu(const Params& p, const float*
                  stash_sum<NT, W>(rb, nc, idx), stash_sum<NT, W>(rb, nc, idx + 64));
   }
 }
-// Ring geometry per token-tile count (H200 measurements, benchmarks/kernel/NOTES.md):
+// Ring geometry per token-tile count (H100/H200 measurements, benchmarks/kernel/NOTES.md):
 // one token tile (M <= 8) runs 2 chunks per warp and item (half the loop
-// overhead per weight); with 2 or 4 token tiles the extra activation
-// registers would spill, so 1 chunk.
+// overhead per weight); with 2 token tiles 2 chunks no longer spill but were
+// 2-12% slower (session 16), with 4 they spill, so 1 chunk. More stages than 4
+// at 2-4 token tiles were slower too (their shared memory is L1 the
+// activations' re-reads use).
 template <int NT>
 struct PkCfg {
   static constexpr int kWarps = kPkWarps;       // most consumer warps
