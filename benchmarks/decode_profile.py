@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     i32 = jnp.int32
     for lin in models:
         head = "bf16" if lin == "bf16" else args.lm_head
-        params = base if lin == "bf16" else nvfp4_params(base, lin, packing, None, scales if lin == "w4a4" else None,
+        params = base if lin == "bf16" else nvfp4_params(cfg, base, lin, packing, None, scales if lin == "w4a4" else None,
                                                          head)
         model = Decoder(cfg, lin, packing, lin == "w4a4", True, args.fuse_neighbours, attention=args.attention,
                         chain=args.chain, head=head)

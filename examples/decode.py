@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if linear == "bf16":  # the baseline: bf16 lm_head whatever --lm-head says
             params, model = base, Decoder(cfg, linear, fused=fused, attention=args.attention)
         else:
-            params = nvfp4_params(base, linear, packing, ckpt, scales if static else None, head)
+            params = nvfp4_params(cfg, base, linear, packing, ckpt, scales if static else None, head)
             model = Decoder(cfg, linear, packing, static, fused, args.fuse_neighbours, attention=args.attention,
                             chain=args.chain, head=head)
         bar.set_postfix_str(f"compiling {model_name}")

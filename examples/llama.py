@@ -96,6 +96,14 @@ def inv_freq(cfg: Config) -> np.ndarray:
     return ((1 - smooth) * f / factor + smooth * f).astype(np.float32)
 
 
+def deinterleave_rotary(y: jax.Array, head_dim: int) -> jax.Array:
+    """The plain [q | k | v] order of a qkv output [..., N] from a weight made by
+    jaxfp4.interleave_rotary (its inverse along the last axis)."""
+    *lead, n = y.shape
+    t = y.reshape(*lead, n // head_dim, head_dim // 16, 2, 8)  # as interleaved: [head, block, half, 8]
+    return jnp.swapaxes(t, -3, -2).reshape(*lead, n)
+
+
 def rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Array:
     """Rotates x [B, S, H, D] by position (the half-split layout of HF Llama)."""
     ang = positions[:, None].astype(jnp.float32) * freqs[None]  # [S, D/2]
@@ -168,6 +176,12 @@ class Projections(nn.Module):
         return (self.chain and self.linear != "bf16" and self.fuse_neighbours and self.fused
                 and (self.linear == "w4a16" or self.static_input_scale))
 
+    def rotary_qkv(self) -> bool:
+        """Whether qkv_proj's weight has its heads' halves interleaved (nvfp4_params:
+        jaxfp4.interleave_rotary), the order of its RotaryKVCache epilogue: the fused
+        NVFP4 models' qkv_proj without a bias."""
+        return self.linear != "bf16" and self.fused and not any(p in self.cfg.bias for p in FUSED["qkv_proj"])
+
     def apply_proj(self, name: str, features: int, x: jax.Array, prologue: Any = None,
                    residual: jax.Array | None = None, epilogue: Any = None) -> jax.Array:
         """residual + epilogue(proj(prologue(x))): one jaxfp4 Dense call, or separate ops."""
@@ -197,30 +211,54 @@ class Projections(nn.Module):
 class Attention(Projections):
     """x + attention(norm(x)), and the updated cache."""
 
+    def rotary(self, positions: jax.Array, kv: tuple[jax.Array, jax.Array]) -> jaxfp4.RotaryKVCache | None:
+        """qkv_proj's epilogue where its weight is interleaved for it and its neighbours
+        are fused (RoPE and the cache writes in the GEMM's store on the GPU), else None."""
+        if not (self.rotary_qkv() and self.fuse_neighbours and kv is not None):
+            return None
+        cos, sin = jaxfp4.rope_tables(positions, inv_freq(self.cfg))
+        return jaxfp4.RotaryKVCache(cos, sin, positions, *kv, heads=self.cfg.heads)
+
     @nn.compact
     def __call__(self, x: jax.Array, norm: jaxfp4.RMSNorm, positions: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None, chained: bool = False,
-                 qkv: jax.Array | None = None, qkv_link: bool = False) -> Any:
+                 qkv: Any = None, qkv_link: bool = False) -> Any:
         """(x + o_proj(attention), cache); chained: (attention, cache, o_proj's chain link).
         qkv: the fused qkv_proj(norm(x)) if already computed (the previous layer's chain
-        link); qkv_link: only return that link (qkv_proj with the norm as prologue)."""
+        link; with the rotary epilogue its (q, k_cache, v_cache)); qkv_link: only return
+        that link (qkv_proj with the norm as prologue, and the epilogue for this positions
+        and kv)."""
         c = self.cfg
         sizes = tuple(n * c.head_dim for n in (c.heads, c.kv_heads, c.kv_heads))
+        epilogue = self.rotary(positions, kv)
         if qkv_link:
-            return self.proj("qkv_proj", sum(sizes)).link(c.hidden, prologue=norm)
+            return self.proj("qkv_proj", sum(sizes)).link(c.hidden, prologue=norm, epilogue=epilogue)
         b, s, _ = x.shape
-        parts = (self.projs("qkv_proj", x, *sizes, prologue=norm) if qkv is None
-                 else jnp.split(qkv, np.cumsum(sizes[:-1]), axis=-1))
-        q, k, v = (y.reshape(b, s, -1, c.head_dim) for y in parts)
-        freqs = inv_freq(c)
-        q, k = rope(q, positions, freqs), rope(k, positions, freqs)
-        if kv is None:  # no cache: attend to this call's tokens
-            key_pos = positions
-        else:  # write this call's keys/values at their positions, attend to the whole cache
-            start = (0, positions[0], 0, 0)
-            kv = (lax.dynamic_update_slice(kv[0], k, start), lax.dynamic_update_slice(kv[1], v, start))
+        if epilogue is not None:  # q rotated, the caches written by qkv_proj's epilogue
+            if qkv is None:
+                qkv = self.apply_proj("qkv_proj", sum(sizes), x, norm, epilogue=epilogue)
+            q, *kv = qkv
+            q, kv = q.reshape(b, s, -1, c.head_dim), tuple(kv)
             k, v = kv
             key_pos = jnp.arange(k.shape[1])
+        else:
+            if qkv is None and self.rotary_qkv():
+                qkv = self.apply_proj("qkv_proj", sum(sizes), x, norm)
+            if qkv is not None:
+                qkv = deinterleave_rotary(qkv, c.head_dim) if self.rotary_qkv() else qkv
+                parts = jnp.split(qkv, np.cumsum(sizes[:-1]), axis=-1)
+            else:
+                parts = self.projs("qkv_proj", x, *sizes, prologue=norm)
+            q, k, v = (y.reshape(b, s, -1, c.head_dim) for y in parts)
+            freqs = inv_freq(c)
+            q, k = rope(q, positions, freqs), rope(k, positions, freqs)
+            if kv is None:  # no cache: attend to this call's tokens
+                key_pos = positions
+            else:  # write this call's keys/values at their positions, attend to the whole cache
+                start = (0, positions[0], 0, 0)
+                kv = (lax.dynamic_update_slice(kv[0], k, start), lax.dynamic_update_slice(kv[1], v, start))
+                k, v = kv
+                key_pos = jnp.arange(k.shape[1])
         if kv is not None and s == 1 and self.attention == "cudnn":  # a decode step: keys 0 .. position
             lens = jnp.full((b,), positions[0] + 1, jnp.int32)
             out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lens, implementation="cudnn")
@@ -268,17 +306,18 @@ class MLP(Projections):
 
 class Block(Projections):
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, kv: Any, qkv: jax.Array | None = None,
+    def __call__(self, x: jax.Array, positions: jax.Array, kv: Any, qkv: Any = None,
                  next_qkv: jaxfp4.Link | None = None, qkv_link: bool = False) -> Any:
         """(x, cache, the next layer's qkv or None). Chained: o_proj, the MLP and (given
         next_qkv, the next layer's qkv_proj link) one jaxfp4.matmul_chain; qkv: this
         layer's qkv_proj output from the previous layer's chain. qkv_link: only return
-        this layer's qkv_proj link (for the previous layer's chain)."""
+        this layer's qkv_proj link (for the previous layer's chain; with its RoPE and
+        cache writes as epilogue for these positions and kv)."""
         kw, c = self.settings(), self.cfg
         attn, mlp = Attention(**kw, name="self_attn"), MLP(**kw, name="mlp")
         norm1 = RMSNorm(c.hidden, c.norm_eps, name="input_layernorm").spec()
         if qkv_link:
-            return attn(None, norm1, None, None, qkv_link=True)
+            return attn(None, norm1, positions, kv, qkv_link=True)
         norm2 = RMSNorm(c.hidden, c.norm_eps, name="post_attention_layernorm").spec()
         if self.chained():  # x + o_proj(attention), then the MLP with its residual, as one chain
             out, kv, o_link = attn(x, norm1, positions, kv, chained=True, qkv=qkv)
@@ -318,8 +357,8 @@ class Decoder(Projections):
         # qkv_proj is this layer's chain's last link (its weights stream in while down_proj finishes).
         link_qkv = self.chained() and not any(p in self.cfg.bias for p in FUSED["qkv_proj"])
         for i, layer in enumerate(self.layers):
-            nxt = self.layers[i + 1](None, None, None, qkv_link=True) if link_qkv and i + 1 < len(self.layers) \
-                else None
+            nxt = (self.layers[i + 1](None, positions, None if cache is None else cache[i + 1], qkv_link=True)
+                   if link_qkv and i + 1 < len(self.layers) else None)
             x, kv, qkv = layer(x, positions, None if cache is None else cache[i], qkv=qkv, next_qkv=nxt)
             new_cache.append(kv)
         if self.head == "nvfp4" and self.fuse_neighbours:
@@ -368,6 +407,17 @@ def fuse_params(params: Params) -> Params:
         return out
     return {k: {m: fuse(v) for m, v in layer.items()} if k.startswith("layers_") else layer
             for k, layer in params.items()}
+
+
+def interleave_attn(layer: Params, cfg: Config) -> Params:
+    """A fused layer's bf16 params with qkv_proj's kernel [K, q | k | v] in
+    jaxfp4.interleave_rotary's order (each head's halves interleaved: the order of
+    its RotaryKVCache epilogue); with a bias, or unfused, as they are."""
+    attn = layer.get("self_attn", {})
+    if "qkv_proj" not in attn or "bias" in attn["qkv_proj"]:
+        return layer
+    qkv = {"kernel": jaxfp4.interleave_rotary(attn["qkv_proj"]["kernel"], cfg.head_dim, axis=-1)}
+    return {**layer, "self_attn": {**attn, "qkv_proj": qkv}}
 
 
 def interleave_mlp(layer: Params) -> Params:
@@ -459,19 +509,21 @@ def nvfp4_head(params: Params, packing: str | None, ckpt: Any = None) -> dict[st
     return quantize(table)
 
 
-def nvfp4_params(params: Params, mode: str, packing: str | None, ckpt: Any = None,
+def nvfp4_params(cfg: Config, params: Params, mode: str, packing: str | None, ckpt: Any = None,
                  input_scales: Scales | None = None, head: str = "bf16") -> Params:
     """The NVFP4 model's params (fused like the bf16 `params`): without a
     checkpoint jaxfp4.flax.quantize_params of the bf16 params (every nn.Dense
     kernel quantized; jitted, one layer at a time), else dense_params of the
     checkpoint's linears (a fused one: concat_rows of its parts). A fused
     gate_up_proj's rows are gate's and up's interleaved (interleave_mlp), the
-    order of MLP's SwiGLU epilogue. The other
+    order of MLP's SwiGLU epilogue; a fused qkv_proj without a bias has its heads'
+    halves interleaved (interleave_attn), the order of its RotaryKVCache epilogue. The other
     tensors, biases included, are shared with `params` (no copy). W4A4 with
     static activation scales: `input_scales` {projection path: g_a} are added.
     head="nvfp4" (Decoder.head): the lm_head is nvfp4_head's, else the bf16 one."""
     if ckpt is None:
-        quantize = jax.jit(lambda layer: jfx.quantize_params(interleave_mlp(layer), mode=mode, packing=packing))
+        quantize = jax.jit(lambda layer: jfx.quantize_params(interleave_attn(interleave_mlp(layer), cfg), mode=mode,
+                                                             packing=packing))
         out = traverse_util.flatten_dict({k: quantize(v) if k.startswith("layers_") else v
                                           for k, v in params.items()})
     else:
@@ -480,6 +532,8 @@ def nvfp4_params(params: Params, mode: str, packing: str | None, ckpt: Any = Non
         for path in (p[:-1] for p in flat if p[-1] == "kernel"):
             ws = [lw.weight for lw in parts(ckpt, path)]
             w = jaxfp4.interleave_gate_up(*ws) if path[-1] == "gate_up_proj" else concat_rows(ws)
+            if path[-1] == "qkv_proj" and (*path, "bias") not in flat:
+                w = jaxfp4.interleave_rotary(w, cfg.head_dim)
             dense = jfx.dense_params(w, packing=packing)
             out.update({(*path, k): v for k, v in dense.items()})
     out.update({(*path, "input_scale"): g for path, g in (input_scales or {}).items()})

@@ -9,11 +9,12 @@ import importlib
 from jaxfp4._ffi import backend_info
 from jaxfp4.chain import Link, matmul_chain
 from jaxfp4.dot_general import dot_general
-from jaxfp4.fused import InterleavedSwiGLU, RMSNorm, SwiGLU
+from jaxfp4.fused import InterleavedSwiGLU, RMSNorm, RotaryKVCache, SwiGLU, rope_tables
 from jaxfp4.ops import (
     dequantize,
     from_float4,
     interleave_gate_up,
+    interleave_rotary,
     matmul,
     prepare_weights,
     quantize,
@@ -29,16 +30,19 @@ __all__ = [
     "Link",
     "NVFP4Tensor",
     "RMSNorm",
+    "RotaryKVCache",
     "SwiGLU",
     "backend_info",
     "dequantize",
     "dot_general",
     "from_float4",
     "interleave_gate_up",
+    "interleave_rotary",
     "matmul",
     "matmul_chain",
     "prepare_weights",
     "quantize",
+    "rope_tables",
     "to_scaled_matmul_operands",
     "unprepare_weights",
 ]

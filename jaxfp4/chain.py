@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxfp4 import ops
 from jaxfp4._checks import check_float_dtype
-from jaxfp4.fused import Prologue
+from jaxfp4.fused import Prologue, RotaryKVCache
 from jaxfp4.primitives.gemm_chain import gemm_chain_p
 from jaxfp4.tensor import NVFP4Tensor, describe
 
@@ -40,7 +40,8 @@ class Link(NamedTuple):
 
     weight: NVFP4Tensor [N, K] (prepared with jaxfp4.prepare_weights for the
       fast path). prologue: jaxfp4.RMSNorm, jaxfp4.SwiGLU or None.
-    epilogue: jaxfp4.InterleavedSwiGLU or None (then no residual).
+    epilogue: jaxfp4.InterleavedSwiGLU, jaxfp4.RotaryKVCache or None (then no
+      residual).
     residual: None, an array of the link's output shape and dtype, or an int j:
       the output of the chain's earlier link j.
     input_scale: W4A4 with a static activation decode scale (a float32 scalar),
@@ -57,9 +58,10 @@ def matmul_chain(a: jax.Array, links: Sequence[Link], *, out_dtype: Any = jnp.bf
     """The outputs y_0 .. y_{n-1} of the chain: y_0 = link 0 applied to a
     [..., M, K_0], y_i = link i applied to y_{i-1}; each `jaxfp4.matmul(x,
     link.weight, input_scale=link.input_scale, prologue=link.prologue,
-    residual=..., out_dtype=out_dtype)` with an int residual j standing for y_j.
-    (and epilogue=link.epilogue). Returns every y_i ([..., M, N_i], out_dtype;
-    N_i / 2 with the epilogue), bit for bit those calls'."""
+    residual=..., epilogue=link.epilogue, out_dtype=out_dtype)` with an int
+    residual j standing for y_j. Returns every y_i ([..., M, N_i], out_dtype;
+    N_i / 2 with InterleavedSwiGLU; with RotaryKVCache the tuple (q, k_cache,
+    v_cache), whose q feeds the next link), bit for bit those calls'."""
     if isinstance(links, Link) or not isinstance(links, (list, tuple)) or not links:
         raise TypeError(f"links must be a non-empty list of jaxfp4.Link, got {type(links).__name__}")
     for i, link in enumerate(links):
@@ -73,14 +75,16 @@ def matmul_chain(a: jax.Array, links: Sequence[Link], *, out_dtype: Any = jnp.bf
     out_dt = check_float_dtype(out_dtype, "out_dtype")
     calls = _fused_calls(a, links, out_dt)
     if calls is None:  # not one fused op per link (e.g. W4A4 input, batched weights): separate ops
-        outs: list[jax.Array] = []
+        outs: list[Any] = []
         x = a
+        q = lambda y: y[0] if isinstance(y, tuple) else y  # a rotary link's (q, k_cache, v_cache)
         for link in links:
             j = _link_index(link.residual)
-            r = link.residual if j is None else outs[j]
-            x = ops.matmul(x, link.weight, input_scale=link.input_scale, out_dtype=out_dt, prologue=link.prologue,
+            r = link.residual if j is None else q(outs[j])
+            y = ops.matmul(x, link.weight, input_scale=link.input_scale, out_dtype=out_dt, prologue=link.prologue,
                            residual=r, epilogue=link.epilogue)
-            outs.append(x)
+            outs.append(y)
+            x = q(y)
         return outs
     f0 = calls[0]
     operands = [jnp.broadcast_to(a, (*f0.lead, f0.m, f0.k_in)).reshape(f0.rows, f0.k_in)]
@@ -88,9 +92,17 @@ def matmul_chain(a: jax.Array, links: Sequence[Link], *, out_dtype: Any = jnp.bf
     for f, link, j in zip(calls, links, res_from):
         array = link.residual is not None and j < 0
         operands += [*f.operands, link.residual.reshape(f.rows, f.n) if array else jnp.zeros((0,), out_dt)]
+        if isinstance(link.epilogue, RotaryKVCache):
+            operands += [*link.epilogue.row_operands(), link.epilogue.k_cache, link.epilogue.v_cache]
+    rotary = tuple(link.epilogue.heads if isinstance(link.epilogue, RotaryKVCache) else 0 for link in links)
     outs = gemm_chain_p.bind(*operands, links=tuple(tuple(sorted(f.params.items())) for f in calls),
-                             res_from=res_from)
-    return [y.reshape(*f.lead, f.m, f.n) for y, f in zip(outs, calls)]
+                             res_from=res_from, rotary_heads=rotary)
+    caches = iter(outs[len(links):])  # each rotary link's (k_cache, v_cache), in link order
+    ys: list[Any] = []
+    for y, f, heads in zip(outs, calls, rotary):
+        y = y.reshape(*f.lead, f.m, f.n)
+        ys.append((y, next(caches), next(caches)) if heads else y)
+    return ys
 
 
 def _fused_calls(a: Any, links: Sequence[Link], out_dt: Any) -> list[ops.FusedCall] | None:

@@ -133,9 +133,10 @@ def _check_epilogue(epilogue: Any, use_bias: bool, features: int, where: str) ->
     if epilogue is None:
         return
     if not isinstance(epilogue, EPILOGUES):
-        raise TypeError(f"{where}: epilogue must be jaxfp4.InterleavedSwiGLU or None, got {type(epilogue).__name__}")
+        raise TypeError(f"{where}: epilogue must be jaxfp4.InterleavedSwiGLU, jaxfp4.RotaryKVCache or None, "
+                        f"got {type(epilogue).__name__}")
     if use_bias:
-        raise ValueError(f"{where}: an epilogue needs use_bias=False (the bias would come before the SwiGLU)")
+        raise ValueError(f"{where}: an epilogue needs use_bias=False (the bias would come before the epilogue)")
     try:
         epilogue.check(features)
     except ValueError as e:
@@ -293,6 +294,8 @@ class Dense(nn.Module):
         k_in, lead = x.shape[-1], tuple(x.shape[:-1])
         k = k_in // prologue.in_features(1) if prologue is not None else k_in
         n_out = self.features if epilogue is None else epilogue.out_features(self.features)
+        if residual is not None and epilogue is not None:
+            raise ValueError(f"{where}: epilogue and residual together are not supported")
         if residual is not None and (tuple(jnp.shape(residual)) != (*lead, n_out)
                                      or jnp.result_type(residual) != out_dt):
             raise ValueError(f"{where}: residual must be {np.dtype(out_dt).name} {(*lead, n_out)} "
@@ -312,12 +315,17 @@ class Dense(nn.Module):
                 y = ops.matmul(a, w, out_dtype=out_dt, prologue=prologue, residual=res, epilogue=epilogue, **scale)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{where}: {e}") from None
+            if isinstance(y, tuple):  # RotaryKVCache: (q, k_cache, v_cache)
+                return (y[0].reshape(*lead, n_out), *y[1:])
             return y.reshape(*lead, n_out)
         if prologue is not None:
             a = prologue(a)
         y = self._project(a, w, m, dt, out_dt).reshape(*lead, self.features)
         if epilogue is not None:
-            y = epilogue(y)
+            try:
+                return epilogue(y)  # no bias, no residual (checked above)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}: {e}") from None
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), dt).astype(out_dt)
         return y if residual is None else add_residual(y, residual)

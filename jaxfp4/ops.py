@@ -14,7 +14,8 @@ from jaxfp4 import packing as packing_mod
 from jaxfp4._checks import check_float_dtype as _check_float_dtype
 from jaxfp4._checks import check_k
 from jaxfp4 import reference
-from jaxfp4.fused import EPILOGUES, GATE_UP_BLOCK, PROLOGUES, Epilogue, Prologue, RMSNorm, add_residual
+from jaxfp4.fused import (EPILOGUES, GATE_UP_BLOCK, PROLOGUES, Epilogue, Prologue, RMSNorm, RotaryKVCache,
+                          add_residual)
 from jaxfp4.primitives.dequantize import dequantize_p
 from jaxfp4.primitives.fused_gemm import fused_gemm_p
 from jaxfp4.primitives.gemm import PACKING_IDS, SMALL_M_MAX, gemm_p
@@ -92,7 +93,7 @@ def dequantize(t: NVFP4Tensor, dtype: Any = jnp.float32) -> jax.Array:
 def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = None,
            input_sf_layout: str | None = None, out_dtype: Any = jnp.bfloat16,
            prologue: Prologue | None = None, residual: jax.Array | None = None,
-           epilogue: Epilogue | None = None) -> jax.Array:
+           epilogue: Epilogue | None = None) -> Any:
     """a @ b.T with NVFP4 weights b [..., N, K] (K-major, the checkpoint orientation).
 
     a is an NVFP4Tensor [..., M, K] (W4A4: both operands 4-bit) or a
@@ -121,6 +122,10 @@ def matmul(a: NVFP4Tensor | jax.Array, b: NVFP4Tensor, *, input_scale: Any = Non
         weight from `jaxfp4.interleave_gate_up`); returns [..., M, N/2]. On
         the GPU, bf16 out with prepared weights and M <= 32 computes it in the
         GEMM's store. Not together with a residual.
+        `jaxfp4.RotaryKVCache(...)` (a weight from `jaxfp4.interleave_rotary`):
+        RoPE on the q and k heads and the k and v heads written into the KV
+        cache; returns (q [..., M, heads * head_dim], k_cache, v_cache). On the
+        GPU (bf16, prepared weights, M <= 32) in the GEMM's store too.
     """
     b = _check_tensor(b, "b")
     out_dt = _check_float_dtype(out_dtype, "out_dtype")
@@ -201,6 +206,10 @@ def _matmul_fused(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: A
     or W4A4 from one input_scale) is the fused primitive; anything else the same
     steps as separate ops."""
     f = fused_operands(a, b, prologue, residual, epilogue=epilogue, **kw)
+    if f is not None and isinstance(epilogue, RotaryKVCache):  # an op with arrays of its own: a one-link chain
+        from jaxfp4.chain import Link, matmul_chain  # (chain imports this module)
+        link = Link(b, prologue=prologue, input_scale=kw["input_scale"], epilogue=epilogue)
+        return matmul_chain(a, [link], out_dtype=kw["out_dtype"])[0]
     if f is None:
         y = matmul(prologue(a) if prologue is not None else a, b, **kw)
         y = y if epilogue is None else epilogue(y)
@@ -236,7 +245,8 @@ def fused_operands(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: 
     n = n_gemm
     if epilogue is not None:
         if not isinstance(epilogue, EPILOGUES):
-            raise TypeError(f"epilogue must be jaxfp4.InterleavedSwiGLU() or None, got {type(epilogue).__name__}")
+            raise TypeError(f"epilogue must be jaxfp4.InterleavedSwiGLU(), jaxfp4.RotaryKVCache or None, "
+                            f"got {type(epilogue).__name__}")
         epilogue.check(n_gemm)
         if residual is not None:
             raise ValueError("epilogue and residual together are not supported: add the residual to the "
@@ -268,6 +278,8 @@ def fused_operands(a: Any, b: NVFP4Tensor, prologue: Prologue | None, residual: 
         lead = tuple(np.broadcast_shapes(tuple(a_lead), tuple(b.batch_shape)))
     except ValueError:
         raise ValueError(f"the leading batch axes of a {tuple(a_lead)} and b {b.batch_shape} do not broadcast") from None
+    if isinstance(epilogue, RotaryKVCache):
+        epilogue.check_rows(int(np.prod(lead, dtype=np.int64)) * m, out_dtype)
     if residual is not None:
         if not hasattr(residual, "shape"):
             residual = jnp.asarray(residual)
@@ -368,6 +380,39 @@ def interleave_gate_up(gate: NVFP4Tensor | jax.Array, up: NVFP4Tensor | jax.Arra
         raise ValueError(f"gate and up must have equal shapes and dtypes, got {gate.shape} {gate.dtype} and "
                          f"{up.shape} {up.dtype}")
     return _interleave_rows(gate, up, axis)
+
+
+def interleave_rotary(w: NVFP4Tensor | jax.Array, head_dim: int, *, axis: int = -2) -> NVFP4Tensor | jax.Array:
+    """The qkv weight `matmul(..., epilogue=jaxfp4.RotaryKVCache(...))` takes:
+    in every head (q, k and v heads alike: head_dim consecutive rows), the
+    first and second halves' rows alternating in blocks of 8 (dims 0-7,
+    half-0..half+7, 8-15, ...), which puts the dims RoPE rotates together
+    (d, d + head_dim/2) 8 rows apart in one 16-row tile; exact (a permutation
+    of rows, codes and scales alike).
+
+    w: an NVFP4Tensor [..., N, K] (plain; prepare the result), or a float array
+    interleaved along `axis` (e.g. a flax kernel [K, N]: axis=-1) to quantize
+    afterwards. N % head_dim == 0, head_dim % 16 == 0.
+    """
+    if isinstance(w, NVFP4Tensor):
+        w = _check_tensor(w, "w")
+        if w.packing is not None:
+            raise ValueError("interleave_rotary: pass plain weights (jaxfp4.unprepare_weights), then prepare the result")
+        t = w.with_sf_layout("linear")
+        data, scales = (_interleave_heads(x, head_dim, -2) for x in (t.data, t.scales))
+        return NVFP4Tensor(data, scales, w.global_scale, "linear").with_sf_layout(w.sf_layout)
+    return _interleave_heads(jnp.asarray(w), head_dim, axis)
+
+
+def _interleave_heads(x: jax.Array, head_dim: int, axis: int) -> jax.Array:
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    if head_dim % (2 * GATE_UP_BLOCK) != 0 or n % head_dim != 0:
+        raise ValueError(f"interleave_rotary needs head_dim % {2 * GATE_UP_BLOCK} == 0 and N % head_dim == 0, got "
+                         f"head_dim={head_dim}, N={n} (axis {axis})")
+    heads = x.reshape(*x.shape[:axis], n // head_dim, head_dim, *x.shape[axis + 1:])
+    first, second = jnp.split(heads, 2, axis=axis + 1)
+    return _interleave_rows(first, second, axis + 1).reshape(x.shape)
 
 
 def _interleave_rows(x: jax.Array, y: jax.Array, axis: int) -> jax.Array:

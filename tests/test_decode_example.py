@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from jax import lax
 
 import jaxfp4
 from jaxfp4.primitives.fused_gemm import fused_gemm_p
-from jaxfp4.primitives.gemm_chain import PER_LINK, gemm_chain_p
+from jaxfp4.primitives.gemm_chain import _link_operands, gemm_chain_p
 from jaxfp4.primitives.gemm import gemm_p
 from jaxfp4.primitives.quantize import quantize_p
 
@@ -79,7 +80,7 @@ def test_kv_cache_decode_matches_full_forward(linear, fused, head):
     with _cpu():
         params = decode.random_params(cfg, seed=1, fused=fused)
         if linear != "bf16":
-            params = decode.nvfp4_params(params, linear, None, head=head)
+            params = decode.nvfp4_params(cfg, params, linear, None, head=head)
         model = decode.Decoder(cfg, linear, fused=fused, head=head)
         tokens = jax.random.randint(jax.random.key(2), (batch, length), 0, cfg.vocab, jnp.int32)
         # Every step teacher-forced: the cache holds exactly the given tokens.
@@ -129,19 +130,25 @@ def test_neighbours_fused_into_the_nvfp4_projections():
     cfg = decode.CONFIGS["tiny"]
     with _cpu():
         base = decode.random_params(cfg, seed=6)
-        params = decode.nvfp4_params(base, "w4a16", None, head="nvfp4")
+        params = decode.nvfp4_params(cfg, base, "w4a16", None, head="nvfp4")
         cache, tok, pos = decode.init_cache(cfg, 2, 8), jnp.zeros((2, 1), jnp.int32), jnp.array([3])
         model = decode.Decoder(cfg, "w4a16", head="nvfp4")
         jaxpr = jax.make_jaxpr(lambda p, c: model.apply({"params": p}, tok, pos, c))(params, cache).jaxpr
         fused = [(p["prologue"], p["epilogue"], res) for p, res in _fused_gemms(jaxpr)]
-        layer = [("rms_norm", "none", False), ("none", "none", True), ("rms_norm", "swiglu_interleaved", False),
-                 ("none", "none", True)]
+        # qkv_proj's epilogue: RoPE and the KV-cache writes (its heads' halves interleaved)
+        layer = [("rms_norm", "rotary_kv_cache", False), ("none", "none", True),
+                 ("rms_norm", "swiglu_interleaved", False), ("none", "none", True)]
         assert fused == layer * cfg.layers + [("rms_norm", "none", False)]
         # o_proj, gate_up_proj, down_proj (its residual: o_proj's output) and the next layer's
-        # qkv_proj as one chain; the first qkv_proj on its own, the last chain without it
+        # qkv_proj as one chain; the first qkv_proj on its own (a one-link chain: its epilogue
+        # has arrays of its own), the last chain without it
         chains = list(_eqns(jaxpr, gemm_chain_p))
-        assert len(chains) == cfg.layers
-        assert [e.params["res_from"] for e in chains] == [(-1, -1, 0, -1)] * (cfg.layers - 1) + [(-1, -1, 0)]
+        assert len(chains) == cfg.layers + 1
+        assert [e.params["res_from"] for e in chains] == [(-1,)] + [(-1, -1, 0, -1)] * (cfg.layers - 1) + [
+            (-1, -1, 0)]
+        assert [e.params["rotary_heads"] for e in chains] == [(cfg.heads,)] + [(0, 0, 0, cfg.heads)] * (
+            cfg.layers - 1) + [(0, 0, 0)]
+        assert not list(_eqns(jaxpr, lax.dynamic_update_slice_p))  # the caches: written by the epilogue
         assert not list(_eqns(jaxpr, gemm_p))
         # Op by op the same bits (under jit XLA may keep an unfused residual sum in float32
         # for the norm that reads it: excess precision, about a bf16 ulp per layer).
@@ -151,7 +158,7 @@ def test_neighbours_fused_into_the_nvfp4_projections():
             a, b = (m.apply({"params": params}, tokens, jnp.arange(6))[0] for m in (a, b))
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         # W4A4 with separate q/k/v and gate/up projections: each takes the norm, down_proj the SwiGLU
-        sep = decode.nvfp4_params(decode.random_params(cfg, seed=6, fused=False), "w4a4", None)
+        sep = decode.nvfp4_params(cfg, decode.random_params(cfg, seed=6, fused=False), "w4a4", None)
         a, b = (decode.Decoder(cfg, "w4a4", fused=False, fuse_neighbours=f) for f in (True, False))
         with jax.disable_jit():
             a, b = (m.apply({"params": sep}, tokens, jnp.arange(6))[0] for m in (a, b))
@@ -168,7 +175,8 @@ def _fused_gemms(jaxpr):
             yield e.params, e.invars[-1].aval.size > 0
             continue
         for i, p in enumerate(e.params["links"]):
-            yield dict(p), e.invars[PER_LINK * (i + 1)].aval.size > 0 or e.params["res_from"][i] >= 0
+            fused, _ = _link_operands(e.invars[1:], e.params["rotary_heads"])[i]
+            yield dict(p), fused[5].aval.size > 0 or e.params["res_from"][i] >= 0
 
 
 def _eqns(jaxpr, primitive=quantize_p):
@@ -210,8 +218,8 @@ def test_calibrated_static_input_scales():
                      "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}.get(path[-1], path[-1])
             assert float(g) == pytest.approx(float(scales[(*path[:-1], fused)]), rel=0.02), path
 
-        static = decode.nvfp4_params(params, "w4a4", None, input_scales=scales)
-        dynamic = decode.nvfp4_params(params, "w4a4", None)
+        static = decode.nvfp4_params(cfg, params, "w4a4", None, input_scales=scales)
+        dynamic = decode.nvfp4_params(cfg, params, "w4a4", None)
         for path in projs:
             dense = static[path[0]][path[1]][path[2]]
             assert float(dense["input_scale"]) == float(scales[path])
@@ -309,24 +317,24 @@ def test_checkpoint_gives_shapes_weights_and_baseline(tmp_path, capsys, equal_sc
         # The lm_head is stored bf16: auto keeps it (the NVFP4 params hold the bf16 table);
         # --lm-head nvfp4 quantizes that table.
         assert decode.lm_head(args[0], cfg, ckpt) == ("bf16", "lm_head: bf16")
-        assert decode.nvfp4_params(base, "w4a16", None, ckpt)["lm_head"]["weight"] is base["lm_head"]["weight"]
+        assert decode.nvfp4_params(cfg, base, "w4a16", None, ckpt)["lm_head"]["weight"] is base["lm_head"]["weight"]
         forced = decode.parse_args(["--checkpoint", str(tmp_path / "tiny-nvfp4"), "--lm-head", "nvfp4"])
         assert decode.lm_head(forced, cfg, ckpt)[1].startswith("lm_head: nvfp4 (w4a16, the bf16 lm_head quantized)")
-        head = decode.nvfp4_params(base, "w4a16", None, ckpt, head="nvfp4")["lm_head"]
+        head = decode.nvfp4_params(cfg, base, "w4a16", None, ckpt, head="nvfp4")["lm_head"]
         np.testing.assert_array_equal(head["weight"], jaxfp4.quantize(base["lm_head"]["weight"]).data)
         (scales, how), (scales_sep, _) = (decode.activation_scales(a, cfg, p, ckpt, f, [])
                                           for a, p, f in zip(args, (base, base_sep), (fused, sep)))
         assert how == "static (checkpoint)" and len(scales) == 4 * cfg.layers and len(scales_sep) == 7 * cfg.layers
         assert all(float(g) == pytest.approx(2e-3) for g in [*scales.values(), *scales_sep.values()])
-        q4 = decode.nvfp4_params(base, "w4a4", None, ckpt, scales)["layers_0"]["self_attn"]["qkv_proj"]
+        q4 = decode.nvfp4_params(cfg, base, "w4a4", None, ckpt, scales)["layers_0"]["self_attn"]["qkv_proj"]
         w = jaxfp4.NVFP4Tensor(q4["weight"], q4["weight_scale"], q4["weight_scale_2"], "linear")
         np.testing.assert_array_equal(jaxfp4.dequantize(w, jnp.bfloat16).T,
                                       base["layers_0"]["self_attn"]["qkv_proj"]["kernel"])
         assert float(q4["input_scale"]) == pytest.approx(2e-3)
         tokens = jax.random.randint(jax.random.key(6), (2, 5), 0, cfg.vocab, jnp.int32)
-        a = _forward(cfg, decode.nvfp4_params(base_sep, "w4a4", None, ckpt, scales_sep), tokens, "w4a4",
+        a = _forward(cfg, decode.nvfp4_params(cfg, base_sep, "w4a4", None, ckpt, scales_sep), tokens, "w4a4",
                      static_input_scale=True, fused=False)
-        b = _forward(cfg, decode.nvfp4_params(base, "w4a4", None, ckpt, scales), tokens, "w4a4",
+        b = _forward(cfg, decode.nvfp4_params(cfg, base, "w4a4", None, ckpt, scales), tokens, "w4a4",
                      static_input_scale=True)
     np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max(), rtol=0)
 
@@ -341,8 +349,8 @@ def test_nvfp4_lm_head(tied):
         params = decode.random_params(cfg, seed=9)
         table = params["embed_tokens" if tied else "lm_head"]["weight"]
         assert ("lm_head" in params) is not tied and table.dtype == jnp.bfloat16
-        bf16_head = decode.nvfp4_params(params, "w4a16", None)  # head="bf16": the table as it is
-        nvfp4_head = decode.nvfp4_params(params, "w4a16", None, head="nvfp4")
+        bf16_head = decode.nvfp4_params(cfg, params, "w4a16", None)  # head="bf16": the table as it is
+        nvfp4_head = decode.nvfp4_params(cfg, params, "w4a16", None, head="nvfp4")
         assert ("lm_head" in bf16_head) is not tied
         assert nvfp4_head["embed_tokens"]["weight"] is params["embed_tokens"]["weight"]  # lookup: bf16, shared
         head, want = nvfp4_head["lm_head"], jaxfp4.quantize(table, sf_layout="linear")
@@ -410,7 +418,7 @@ def test_checkpoint_with_a_quantized_lm_head(tmp_path, capsys):
             "nvfp4", "lm_head: nvfp4 (w4a16, the checkpoint's, as stored); the W4A4 model's too "
             "(weight-only: no input scale)")
         np.testing.assert_array_equal(base["lm_head"]["weight"], jaxfp4.dequantize(stored, jnp.bfloat16))
-        head = decode.nvfp4_params(base, "w4a16", None, ckpt, head="nvfp4")["lm_head"]
+        head = decode.nvfp4_params(cfg, base, "w4a16", None, ckpt, head="nvfp4")["lm_head"]
         np.testing.assert_array_equal(head["weight"], stored.data)
         np.testing.assert_array_equal(head["weight_scale"].view(jnp.uint8), stored.scales.view(jnp.uint8))
         assert float(head["weight_scale_2"]) == float(stored.global_scale) == pytest.approx(g)

@@ -154,5 +154,7 @@ def test_handler_rejects_what_it_cannot_run(rng):
     bd, bs, bg = random_nvfp4(rng, (), 24, 64, "linear")
     with pytest.raises(Exception, match="the swiglu epilogue needs N % 16 == 0"):
         ffi_fused(a, None, bd, bs, bg, None, 12, prologue="none", layout="linear", epilogue=1)
-    with pytest.raises(Exception, match="epilogue must be 0 or 1"):
+    with pytest.raises(Exception, match="epilogue must be 0, 1 or 2"):
+        ffi_fused(a, None, bd, bs, bg, None, 24, prologue="none", layout="linear", epilogue=3)
+    with pytest.raises(Exception, match="runs as a jaxfp4_gemm_chain link"):
         ffi_fused(a, None, bd, bs, bg, None, 24, prologue="none", layout="linear", epilogue=2)

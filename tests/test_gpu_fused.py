@@ -383,7 +383,8 @@ def test_chain_handler_rejects_what_it_cannot_run(rng):
                                                   jax.ShapeDtypeStruct((9, 32), BF16)])
     ops = [_dev(x) for x in [a, *link(128, 64), *link(32, 64)]]
     attrs = dict(eps=np.zeros(2, np.float32), epilogue=np.zeros(2, np.int32),
-                 b_sf_layout=np.full(2, fmt.SF_LAYOUT_IDS["linear"], np.int32), b_packing=np.ones(2, np.int32), res_from=np.array([-1, -1], np.int32))
+                 b_sf_layout=np.full(2, fmt.SF_LAYOUT_IDS["linear"], np.int32), b_packing=np.ones(2, np.int32),
+                 res_from=np.array([-1, -1], np.int32), rotary_heads=np.zeros(2, np.int32))
     with pytest.raises(Exception, match=r"jaxfp4 gemm \(cuda\): chain link 1: "):
         jax.block_until_ready(call(*ops, prologue=np.array([0, 0], np.int32), **attrs))
     with pytest.raises(Exception, match=r"gemm \(cuda\): chain link 0: a fused prologue or W4A4 needs M <= 8"):
@@ -391,6 +392,12 @@ def test_chain_handler_rejects_what_it_cannot_run(rng):
     with pytest.raises(Exception, match="res_from must name an earlier link"):
         jax.block_until_ready(call(*ops, prologue=np.array([0, 0], np.int32),
                                    **{**attrs, "res_from": np.array([-1, 1], np.int32)}))
+    with pytest.raises(Exception, match="rotary_heads is set on a link without the rotary epilogue"):
+        jax.block_until_ready(call(*ops, prologue=np.array([0, 0], np.int32),
+                                   **{**attrs, "rotary_heads": np.array([0, 4], np.int32)}))
+    with pytest.raises(Exception, match="takes 1 \\+ 6 n \\+ 5 r operands"):  # a rotary link without its 5
+        jax.block_until_ready(call(*ops, prologue=np.array([0, 0], np.int32),
+                                   **{**attrs, "epilogue": np.array([0, 2], np.int32)}))
 
 
 @pytest.mark.gpu

@@ -26,9 +26,9 @@ def register_lowerings(prim: Primitive, *, op: str, native: Callable[[str, dict]
                        reference: Callable, choose: Callable | None = None) -> None:
     """Lowers `prim` per platform.
 
-    native(platform, params) -> (ffi target name, attributes) of the native
-    handler for these params, or None where the reference is the intended
-    lowering. `choose(platform, avals_in, params)` may
+    native(platform, params) -> (ffi target name, attributes[, operand ->
+    result aliases]) of the native handler for these params, or None where the
+    reference is the intended lowering. `choose(platform, avals_in, params)` may
     return a jnp function to lower instead (an XLA path picked by shape, e.g. a
     large-M GEMM); `reference(*args, **params)` is the fallback everywhere.
     """
@@ -42,9 +42,10 @@ def register_lowerings(prim: Primitive, *, op: str, native: Callable[[str, dict]
                 return mlir.lower_fun(partial(fn, **params), multiple_results=True)(ctx, *args)
         chosen = native(platform, params)
         if chosen is not None and _ffi.has_target(chosen[0], platform):
-            target, attrs = chosen
+            target, attrs, *aliases = chosen
             _ffi.note_lowering(op, platform, target)
-            return jax.ffi.ffi_lowering(target)(ctx, *args, **attrs)
+            return jax.ffi.ffi_lowering(target, operand_output_aliases=aliases[0] if aliases else None)(
+                ctx, *args, **attrs)
         # No handler by design (native() said None: XLA fuses the jnp well) or
         # a handler this build lacks (warned once).
         _ffi.note_lowering(op, platform, "reference", fallback=chosen is not None)

@@ -46,7 +46,8 @@ fused_gemm_p = _common.define("jaxfp4_fused_gemm")
 # prologue name -> the FFI `prologue` attribute (csrc/cuda/sm90/gemm_staged_act.cuh).
 PROLOGUE_IDS = {"none": 0, "rms_norm": 1, "swiglu": 2}
 # epilogue name -> the FFI `epilogue` attribute (csrc/cuda/sm90/gemm_small_m_common.cuh).
-EPILOGUE_IDS = {"none": 0, "swiglu_interleaved": 1}
+# "rotary_kv_cache" is gemm_chain_p's rotary links' (jaxfp4.RotaryKVCache), not fused_gemm_p's.
+EPILOGUE_IDS = {"none": 0, "swiglu_interleaved": 1, "rotary_kv_cache": 2}
 # The most rows a fused prologue takes. Every CTA computes the prologue of all
 # rows before its main loop, on the warps that then run it (the GEMM is
 # instruction-bound at these M): in the 8B decode on an H200 it saved time at

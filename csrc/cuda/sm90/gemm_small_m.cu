@@ -330,7 +330,7 @@ inline int64_t packed_consumers(int64_t runs, int64_t max_warps) {
 
 // Packed weights: `nc` consumer warps split K item by item (plus the producer
 // warp); a persistent grid of about one wave walks the tile groups.
-template <typename T, int NT, bool A4, int ACT = kActGlobal, bool SWIGLU_OUT = false>
+template <typename T, int NT, bool A4, int ACT = kActGlobal, bool PAIRED_OUT = false>
 cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   constexpr bool kStaged = ACT != kActGlobal;
   Params& p = L.p;
@@ -346,7 +346,7 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   // Staged activation rows after the ring (checked by the handlers: <= kQaMaxBytes).
   const size_t qa_bytes = kStaged ? static_cast<size_t>(std::min<int64_t>(p.M, 8) * qa_row_bytes(p.K)) : 0;
   const size_t smem = packed_smem_bytes<NT>(static_cast<int>(nc)) + qa_bytes;
-  auto kernel = gemm_packed_kernel<T, NT, A4, ACT, SWIGLU_OUT>;
+  auto kernel = gemm_packed_kernel<T, NT, A4, ACT, PAIRED_OUT>;
   static std::atomic<bool> smem_set[kMaxDevices];
   if (cudaError_t e =
           allow_smem(kernel, packed_smem_bytes<NT>(PkCfg<NT>::kWarps) + (kStaged ? kQaMaxBytes : 0), smem_set);
@@ -368,13 +368,21 @@ cudaError_t launch_packed(Launch L, cudaStream_t stream, const char** name) {
   if (cudaError_t e = launch_dependent_if(L.programmatic, kernel, grid, dim3(threads), smem, stream, p);
       e != cudaSuccess)
     return e;
-  if constexpr (SWIGLU_OUT) {
-    *name = ACT == kActQuantize ? "sm90_gemm_small_m_w4a4_n8_packed_quantize_a_swiglu_out"
-            : ACT == kActFused  ? (p.a_g != nullptr ? "sm90_gemm_small_m_w4a4_n8_packed_quantize_a_staged_swiglu_out"
-                                                    : "sm90_gemm_small_m_w4a16_bf16_n8_packed_staged_swiglu_out")
-            : NT == 1           ? "sm90_gemm_small_m_w4a16_bf16_n8_packed_swiglu_out"
-            : NT == 2           ? "sm90_gemm_small_m_w4a16_bf16_n16_packed_swiglu_out"
-                                : "sm90_gemm_small_m_w4a16_bf16_n32_packed_swiglu_out";
+  if constexpr (PAIRED_OUT) {
+    const bool rot = p.epilogue == kEpilogueRotaryKV;
+    *name = ACT == kActQuantize ? (rot ? "sm90_gemm_small_m_w4a4_n8_packed_quantize_a_rotary_kv_out"
+                                       : "sm90_gemm_small_m_w4a4_n8_packed_quantize_a_swiglu_out")
+            : ACT == kActFused
+                ? (p.a_g != nullptr ? (rot ? "sm90_gemm_small_m_w4a4_n8_packed_quantize_a_staged_rotary_kv_out"
+                                           : "sm90_gemm_small_m_w4a4_n8_packed_quantize_a_staged_swiglu_out")
+                                    : (rot ? "sm90_gemm_small_m_w4a16_bf16_n8_packed_staged_rotary_kv_out"
+                                           : "sm90_gemm_small_m_w4a16_bf16_n8_packed_staged_swiglu_out"))
+            : NT == 1 ? (rot ? "sm90_gemm_small_m_w4a16_bf16_n8_packed_rotary_kv_out"
+                             : "sm90_gemm_small_m_w4a16_bf16_n8_packed_swiglu_out")
+            : NT == 2 ? (rot ? "sm90_gemm_small_m_w4a16_bf16_n16_packed_rotary_kv_out"
+                             : "sm90_gemm_small_m_w4a16_bf16_n16_packed_swiglu_out")
+                      : (rot ? "sm90_gemm_small_m_w4a16_bf16_n32_packed_rotary_kv_out"
+                             : "sm90_gemm_small_m_w4a16_bf16_n32_packed_swiglu_out");
   } else if constexpr (ACT == kActQuantize) {
     *name = "sm90_gemm_small_m_w4a4_n8_packed_quantize_a";
   } else if constexpr (ACT == kActFused) {
@@ -435,9 +443,10 @@ cudaError_t launch_nt(const Launch& L, cudaStream_t stream, const char** name) {
   return launch_t<T, 4, PACKED, A4>(L, stream, name);
 }
 
-// The SwiGLU epilogue's kernels (bf16 W4A16 packed; the fused op's handlers check
-// what reaches here): the same choice as below, each with the epilogue's store.
-cudaError_t launch_swiglu_out(const Launch& L, cudaStream_t stream, const char** name) {
+// The paired epilogues' kernels (SwiGLU, rotary; bf16 W4A16 packed; the fused op's
+// handlers check what reaches here): the same choice as below, each with the
+// epilogue's store.
+cudaError_t launch_paired_out(const Launch& L, cudaStream_t stream, const char** name) {
   using B = __nv_bfloat16;
   if (L.qa) return launch_packed<B, 1, false, kActQuantize, true>(L, stream, name);
   if (L.p.prologue != kPrologueNone) return launch_packed<B, 1, false, kActFused, true>(L, stream, name);
@@ -448,7 +457,7 @@ cudaError_t launch_swiglu_out(const Launch& L, cudaStream_t stream, const char**
 
 // Launches the GEMM described by L (already validated); *name gets the kernel's name.
 cudaError_t launch(const Launch& L, cudaStream_t stream, const char** name) {
-  if (L.p.epilogue != kEpilogueNone) return launch_swiglu_out(L, stream, name);
+  if (L.p.epilogue != kEpilogueNone) return launch_paired_out(L, stream, name);
   if (L.qa) return launch_packed<__nv_bfloat16, 1, false, kActQuantize>(L, stream, name);
   // A fused prologue (W4A16, or W4A4 where p.a_g is set): packed, bf16, M <= 8.
   if (L.p.prologue != kPrologueNone) return launch_packed<__nv_bfloat16, 1, false, kActFused>(L, stream, name);

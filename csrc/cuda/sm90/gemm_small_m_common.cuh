@@ -35,6 +35,12 @@ enum Epilogue : int {
   // of a 16-row tile are gate, rows 8-15 up, so elements j and j + 2 of one mma
   // C fragment (rows r and r + 8) are the two halves of one output.
   kEpilogueSwiGluInterleaved = 1,
+  // jaxfp4.RotaryKVCache (a link of jaxfp4_gemm_chain): the weight's heads have
+  // their halves interleaved by 8 (jaxfp4.interleave_rotary), so rows r and r + 8
+  // of a tile are dims d and d + D/2 of one head, the pair RoPE rotates together.
+  // q heads -> out [M, heads * D] rotated; k heads rotated and v heads as they are
+  // -> the caches' slot rows.
+  kEpilogueRotaryKV = 2,
 };
 
 struct Params {
@@ -62,6 +68,15 @@ struct Params {
   float eps = 0.0f;                         // its epsilon
   int32_t prologue = 0;                     // gemm_fused_prologue.cuh: what the fused kernel stages
   int32_t epilogue = 0;                     // kEpilogue*: what the packed kernel's store computes
+  // kEpilogueRotaryKV: per token row m the rotation cos/sin [M, D/2] and the
+  // cache row slot [M] (b * T + position; outside [0, kv_rows): not written);
+  // caches [kv_rows, kv_heads, D] bf16.
+  const float* rope_cos = nullptr;
+  const float* rope_sin = nullptr;
+  const int32_t* kv_slot = nullptr;
+  __nv_bfloat16* k_cache = nullptr;
+  __nv_bfloat16* v_cache = nullptr;
+  int32_t heads = 0, kv_heads = 0, head_dim = 0, kv_rows = 0;
   // 1: no kernel launched before this one in its call writes the weights (a
   // later link of jaxfp4_gemm_chain), so the packed kernel's producer copies
   // them before griddepcontrol.wait. 0 (any other launch): after it.
@@ -409,6 +424,39 @@ __device__ __forceinline__ void store_swiglu(const Params& p, int64_t out_base, 
     static_cast<__nv_bfloat16*>(p.out)[out_base + static_cast<int64_t>(m) * nh + n] =
         __float2bfloat16_rn(__fdividef(g, 1.0f + __expf(-g)) * u);
   }
+}
+
+// The rotary epilogue of one row pair (pair n of the N/2: dims i and i + D/2 of
+// head n / (D/2); token m): both halves scaled and rounded to bf16 as the
+// GEMM's output would be, then (q and k heads) x1 cos - x2 sin, x2 cos + x1 sin
+// in float32, each product and sum rounded on its own (no contraction: the
+// jnp reference's order), rounded to bf16 and stored in place.
+__device__ __forceinline__ void store_rotary(const Params& p, float alpha, int n, int m, float v1, float v2) {
+  const int half = p.head_dim >> 1;
+  if (n >= p.N / 2 || m >= p.M) return;
+  const int head = n / half, i = n - head * half;
+  float x1 = __bfloat162float(__float2bfloat16_rn(v1 * alpha));
+  float x2 = __bfloat162float(__float2bfloat16_rn(v2 * alpha));
+  if (head < p.heads + p.kv_heads) {
+    const float c = p.rope_cos[static_cast<int64_t>(m) * half + i], s = p.rope_sin[static_cast<int64_t>(m) * half + i];
+    const float r1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    const float r2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+    x1 = r1;
+    x2 = r2;
+  }
+  __nv_bfloat16* dst;
+  if (head < p.heads) {
+    dst = static_cast<__nv_bfloat16*>(p.out) + static_cast<int64_t>(m) * p.heads * p.head_dim +
+          static_cast<int64_t>(head) * p.head_dim;
+  } else {
+    const int slot = p.kv_slot[m];
+    if (slot < 0 || slot >= p.kv_rows) return;
+    const int kv = head - p.heads;
+    __nv_bfloat16* cache = kv < p.kv_heads ? p.k_cache : p.v_cache;
+    dst = cache + (static_cast<int64_t>(slot) * p.kv_heads + kv % p.kv_heads) * p.head_dim;
+  }
+  dst[i] = __float2bfloat16_rn(x1);
+  dst[i + half] = __float2bfloat16_rn(x2);
 }
 
 // ---- a warp's accumulators: kTPW weight tiles x NT token tiles of mma C fragments ----

@@ -102,14 +102,15 @@ ffi::Error check_out(const ffi::AnyBuffer& out, int nl, int64_t M, const BatchMa
 
 // Validates the weights and out against a's dims `ad` (nl batch axes, M rows,
 // K), N taken from out (n_per_out weight rows per output column: 2 for the
-// SwiGLU epilogue); fills L's weight, out and batch-map fields.
+// SwiGLU epilogue) or given (n_gemm > 0: the rotary epilogue, whose out holds
+// the q heads only); fills L's weight, out and batch-map fields.
 ffi::Error check_b_and_out(Dims ad, int nl, int64_t M, int64_t K, const ffi::AnyBuffer& b_data,
                            const ffi::AnyBuffer& b_scales, const ffi::AnyBuffer& b_g, int32_t b_sf_layout,
                            int32_t b_packing, const ffi::AnyBuffer& out, Launch* L, int64_t* N,
-                           int64_t n_per_out = 1) {
+                           int64_t n_per_out = 1, int64_t n_gemm = 0) {
   const Dims od = out.dimensions();
   if (static_cast<int>(od.size()) != nl + 2) return bad("out must have the rank of a");
-  *N = od[nl + 1] * n_per_out;
+  *N = n_gemm > 0 ? n_gemm : od[nl + 1] * n_per_out;
   int64_t b_lead[kMaxBatchRank] = {};
   if (auto e = check_weights(b_data, b_scales, b_g, b_sf_layout, b_packing, nl, *N, K, L, b_lead); e.failure())
     return e;
@@ -234,14 +235,61 @@ ffi::Error GemmW4A4QuantizeAImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Any
   return finish(L, M, N, K, stream);
 }
 
+// A rotary link's buffers (kEpilogueRotaryKV, jaxfp4_gemm_chain only): cos, sin
+// F32 [M, D/2], slot S32 [M] and the caches, as operands (k_in, v_in) and as the
+// results aliased to them (k_out, v_out); heads: the query heads.
+struct RotaryBuffers {
+  const ffi::AnyBuffer *cos, *sin, *slot, *k_in, *v_in, *k_out, *v_out;
+  int32_t heads;
+};
+
+// Validates the rotary epilogue's buffers against M and the output; fills L's
+// rotary fields and *n_gemm (the weight's rows, (heads + 2 kv_heads) * D).
+ffi::Error check_rotary(const RotaryBuffers& r, int64_t M, const ffi::AnyBuffer& out, Launch* L, int64_t* n_gemm) {
+  const Dims kd = r.k_out->dimensions();
+  if (kd.size() != 4 || r.k_out->element_type() != ffi::DataType::BF16)
+    return bad("the rotary epilogue's k_cache must be BF16 [B, T, kv_heads, head_dim], got " + dims_str(kd));
+  for (const ffi::AnyBuffer* c : {r.v_out, r.k_in, r.v_in}) {
+    const Dims cd = c->dimensions();
+    if (c->element_type() != ffi::DataType::BF16 || cd.size() != 4 || !std::equal(cd.begin(), cd.end(), kd.begin()))
+      return bad("the rotary epilogue's caches (operands and results) must all be BF16 " + dims_str(kd) + ", got " +
+                 dims_str(cd));
+  }
+  if (r.k_in->untyped_data() != r.k_out->untyped_data() || r.v_in->untyped_data() != r.v_out->untyped_data())
+    return bad("the rotary epilogue's cache results must alias their operands (updated in place)");
+  const int64_t rows = kd[0] * kd[1], kvh = kd[2], d = kd[3];
+  if (d % 16 != 0 || d > 0x7FFF) return bad("the rotary epilogue needs head_dim % 16 == 0, got " + std::to_string(d));
+  if (r.heads < 1) return bad("the rotary epilogue needs heads >= 1");
+  if (rows > 0x7FFFFFFF || kvh > 0xFFFF) return bad("the rotary epilogue's cache is too large");
+  if (auto e = expect(*r.cos, "cos", ffi::DataType::F32, nullptr, 0, M, d / 2); e.failure()) return e;
+  if (auto e = expect(*r.sin, "sin", ffi::DataType::F32, nullptr, 0, M, d / 2); e.failure()) return e;
+  const Dims sd = r.slot->dimensions();
+  if (r.slot->element_type() != ffi::DataType::S32 || sd.size() != 1 || sd[0] != M)
+    return bad("the rotary epilogue's slot must be S32 [M], got " + dims_str(sd));
+  const Dims od = out.dimensions();
+  if (od.size() != 2 || od[1] != r.heads * d)
+    return bad("with the rotary epilogue out must be [M, heads * head_dim], got " + dims_str(od));
+  *n_gemm = (r.heads + 2 * kvh) * d;
+  L->p.rope_cos = static_cast<const float*>(r.cos->untyped_data());
+  L->p.rope_sin = static_cast<const float*>(r.sin->untyped_data());
+  L->p.kv_slot = static_cast<const int32_t*>(r.slot->untyped_data());
+  L->p.k_cache = static_cast<__nv_bfloat16*>(r.k_out->untyped_data());
+  L->p.v_cache = static_cast<__nv_bfloat16*>(r.v_out->untyped_data());
+  L->p.heads = r.heads;
+  L->p.kv_heads = static_cast<int32_t>(kvh);
+  L->p.head_dim = static_cast<int32_t>(d);
+  L->p.kv_rows = static_cast<int32_t>(rows);
+  return ffi::Error::Success();
+}
+
 // Validates one fused GEMM and fills L (and M, N, K); launches nothing. The
 // optional operands are null where unused (norm_w without prologue 1, a_g for
-// W4A16, residual when there is none).
+// W4A16, residual when there is none, rotary without kEpilogueRotaryKV).
 ffi::Error prepare_fused(const ffi::AnyBuffer& a, const ffi::AnyBuffer* norm_w, const ffi::AnyBuffer* a_g,
                          const ffi::AnyBuffer& b_data, const ffi::AnyBuffer& b_scales, const ffi::AnyBuffer& b_g,
                          const ffi::AnyBuffer* residual, const ffi::AnyBuffer& out, int32_t prologue, float eps,
                          int32_t epilogue, int32_t b_sf_layout, int32_t b_packing, Launch* L, int64_t* M, int64_t* N,
-                         int64_t* K) {
+                         int64_t* K, const RotaryBuffers* rotary = nullptr) {
   const Dims ad = a.dimensions();
   if (ad.size() != 2) return bad("a must have rank 2 ([M, K]; [M, 2K] for swiglu) in the fused GEMM");
   if (a.element_type() != ffi::DataType::BF16) return bad("a must be BF16 in the fused GEMM");
@@ -259,17 +307,23 @@ ffi::Error prepare_fused(const ffi::AnyBuffer& a, const ffi::AnyBuffer* norm_w, 
       return bad("a fused prologue or W4A4 needs M <= 8 and M * (2 * (K rounded up to 64) + 16) <= " +
                  std::to_string(kQaMaxBytes) + " bytes of shared memory");
   }
-  if (epilogue != kEpilogueNone && epilogue != kEpilogueSwiGluInterleaved) return bad("epilogue must be 0 or 1");
+  if (epilogue < kEpilogueNone || epilogue > kEpilogueRotaryKV) return bad("epilogue must be 0, 1 or 2");
   const bool swiglu_out = epilogue == kEpilogueSwiGluInterleaved;
-  if (swiglu_out) {
-    if (b_packing != 1) return bad("the swiglu epilogue needs sm90-packed weights (b_packing 1)");
-    if (residual != nullptr) return bad("the swiglu epilogue takes no residual");
-    if (out.element_type() != ffi::DataType::BF16) return bad("out must be BF16 with the swiglu epilogue");
+  if (epilogue != kEpilogueNone) {
+    const char* what = swiglu_out ? "the swiglu epilogue" : "the rotary epilogue";
+    if (b_packing != 1) return bad(std::string(what) + " needs sm90-packed weights (b_packing 1)");
+    if (residual != nullptr) return bad(std::string(what) + " takes no residual");
+    if (out.element_type() != ffi::DataType::BF16) return bad(std::string("out must be BF16 with ") + what);
   }
+  if ((epilogue == kEpilogueRotaryKV) != (rotary != nullptr))
+    return bad("the rotary epilogue (2) runs as a jaxfp4_gemm_chain link with its cos, sin, slot and cache buffers");
+  int64_t n_gemm = 0;
+  if (rotary != nullptr)
+    if (auto e = check_rotary(*rotary, *M, out, L, &n_gemm); e.failure()) return e;
   if (reinterpret_cast<uintptr_t>(a.untyped_data()) % 16 != 0) return bad("a is misaligned");
   const int64_t kd[2] = {*M, *K};
   if (auto e = check_b_and_out(Dims(kd, 2), 0, *M, *K, b_data, b_scales, b_g, b_sf_layout, b_packing, out, L, N,
-                               swiglu_out ? 2 : 1);
+                               swiglu_out ? 2 : 1, n_gemm);
       e.failure())
     return e;
   if (swiglu_out && *N % 16 != 0)
@@ -376,7 +430,9 @@ ffi::Error in_context(const std::string& where, const ffi::Error& e) {
 // link i-1's result, and residual_i an operand, nothing, or an earlier link's
 // result (res_from[i] = j >= 0). Operands: a_0, then per link norm_w, a_g,
 // b_data, b_scales, b_g, residual (empty where unused, and where res_from names
-// a result); results: each link's out. Every link is validated before any
+// a result), and for a rotary link (epilogue 2, jaxfp4.RotaryKVCache) cos, sin,
+// slot, k_cache, v_cache; results: each link's out, then each rotary link's
+// k_cache and v_cache (aliased to its operands: written in place). Every link is validated before any
 // launches; each is bit for bit its own jaxfp4_gemm_fused call.
 // Why one call: XLA records each custom call as a graph node of its own, and
 // only launches made inside one call keep their programmatic dependent launch
@@ -387,31 +443,46 @@ ffi::Error in_context(const std::string& where, const ffi::Error& e) {
 ffi::Error GemmChainImpl(cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets,
                          ffi::Span<const int32_t> prologue, ffi::Span<const float> eps,
                          ffi::Span<const int32_t> epilogue, ffi::Span<const int32_t> b_sf_layout, ffi::Span<const int32_t> b_packing,
-                         ffi::Span<const int32_t> res_from) {
-  constexpr size_t kPerLink = 6, kMaxLinks = 8;
-  const size_t n = rets.size();
+                         ffi::Span<const int32_t> res_from, ffi::Span<const int32_t> rotary_heads) {
+  constexpr size_t kPerLink = 6, kRotary = 5, kMaxLinks = 8;
+  const size_t n = epilogue.size();
   if (n == 0 || n > kMaxLinks) return bad("a chain has 1 to " + std::to_string(kMaxLinks) + " links");
-  if (args.size() != 1 + kPerLink * n) return bad("a chain of n links takes 1 + 6 n operands");
-  if (prologue.size() != n || eps.size() != n || epilogue.size() != n || b_sf_layout.size() != n || b_packing.size() != n ||
-      res_from.size() != n)
+  if (prologue.size() != n || eps.size() != n || b_sf_layout.size() != n || b_packing.size() != n ||
+      res_from.size() != n || rotary_heads.size() != n)
     return bad("a chain's attributes need one entry per link");
-  // The call's buffers, in order: operands (a_0, then 6 per link) and results.
+  size_t n_rotary = 0;
+  for (size_t i = 0; i < n; ++i) n_rotary += epilogue[i] == kEpilogueRotaryKV ? 1 : 0;
+  if (args.size() != 1 + kPerLink * n + kRotary * n_rotary || rets.size() != n + 2 * n_rotary)
+    return bad("a chain of n links with r rotary ones takes 1 + 6 n + 5 r operands and n + 2 r results");
+  // The call's buffers, in order: operands (a_0, then 6 per link, 5 more per
+  // rotary link) and results (each link's out, then 2 caches per rotary link).
   std::vector<ffi::AnyBuffer> in, outs;
   for (size_t j = 0; j < args.size(); ++j) {
     auto v = args.get<ffi::AnyBuffer>(j);
     if (!v.has_value()) return bad("chain operand " + std::to_string(j) + " is not a buffer");
     in.push_back(*v);
   }
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = 0; i < rets.size(); ++i) {
     auto r = rets.get<ffi::AnyBuffer>(i);
     if (!r.has_value()) return bad("chain result " + std::to_string(i) + " is not a buffer");
     outs.push_back(**r);
   }
   Launch L[kMaxLinks];
   int64_t M[kMaxLinks], N[kMaxLinks], K[kMaxLinks];
+  size_t next_op = 1, next_cache = n;
   for (size_t i = 0; i < n; ++i) {
     const std::string link = "chain link " + std::to_string(i) + ": ";
-    const ffi::AnyBuffer* ops = &in[1 + kPerLink * i];  // norm_w, a_g, b_data, b_scales, b_g, residual
+    const ffi::AnyBuffer* ops = &in[next_op];  // norm_w, a_g, b_data, b_scales, b_g, residual[, rotary's 5]
+    next_op += kPerLink;
+    RotaryBuffers rot{};
+    const bool rotary = epilogue[i] == kEpilogueRotaryKV;
+    if (rotary) {  // cos, sin, slot, k_cache, v_cache; results k_cache, v_cache
+      rot = {&ops[6], &ops[7], &ops[8], &ops[9], &ops[10], &outs[next_cache], &outs[next_cache + 1], rotary_heads[i]};
+      next_op += kRotary;
+      next_cache += 2;
+    } else if (rotary_heads[i] != 0) {
+      return bad(link + "rotary_heads is set on a link without the rotary epilogue");
+    }
     const ffi::AnyBuffer* residual = given(ops[5]);
     if (res_from[i] >= 0) {
       if (static_cast<size_t>(res_from[i]) >= i) return bad(link + "res_from must name an earlier link");
@@ -421,7 +492,7 @@ ffi::Error GemmChainImpl(cudaStream_t stream, ffi::RemainingArgs args, ffi::Rema
     const ffi::AnyBuffer& a = i == 0 ? in[0] : outs[i - 1];
     if (auto e = prepare_fused(a, given(ops[0]), given(ops[1]), ops[2], ops[3], ops[4], residual, outs[i],
                                prologue[i], eps[i], epilogue[i], b_sf_layout[i], b_packing[i], &L[i], &M[i], &N[i],
-                               &K[i]);
+                               &K[i], rotary ? &rot : nullptr);
         e.failure())
       return in_context(link, e);
     L[i].p.weights_ready = i > 0 ? 1 : 0;
@@ -472,14 +543,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmW4A4DecodedCuda, jaxfp4::sm90_gemm::Gemm
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmChainCuda, jaxfp4::sm90_gemm::GemmChainImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .RemainingArgs()  // a_0, then per link norm_w, a_g, b_data, b_scales, b_g, residual
-                                  .RemainingRets()  // per link out [M, N_i]
+                                  .RemainingArgs()  // a_0, then per link norm_w, a_g, b_data, b_scales, b_g,
+                                                    // residual (rotary links: + cos, sin, slot, k_cache, v_cache)
+                                  .RemainingRets()  // per link out [M, N_i]; per rotary link k_cache, v_cache
                                   .Attr<ffi::Span<const int32_t>>("prologue")
                                   .Attr<ffi::Span<const float>>("eps")
                                   .Attr<ffi::Span<const int32_t>>("epilogue")
                                   .Attr<ffi::Span<const int32_t>>("b_sf_layout")
                                   .Attr<ffi::Span<const int32_t>>("b_packing")
-                                  .Attr<ffi::Span<const int32_t>>("res_from"),
+                                  .Attr<ffi::Span<const int32_t>>("res_from")
+                                  .Attr<ffi::Span<const int32_t>>("rotary_heads"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4GemmW4A4QuantizeACuda, jaxfp4::sm90_gemm::GemmW4A4QuantizeAImpl,

@@ -94,17 +94,23 @@ __device__ __forceinline__ float stash_sum(const float* rb, int nc, int idx) {
   return v[0];
 }
 
-// A group's outputs with the SwiGLU epilogue (kEpilogueSwiGluInterleaved): thread
-// h takes fragment elements j = 0, 1 (gate, row r) with their j + 2 (up, row
-// r + 8), stash elements idx and idx + 64.
+// A group's outputs with an epilogue that pairs rows r and r + 8 of a tile
+// (kEpilogueSwiGluInterleaved: gate and up; kEpilogueRotaryKV: dims d and d + D/2):
+// thread h takes fragment elements j = 0, 1 (row r) with their j + 2 (row r + 8),
+// stash elements idx and idx + 64; pair n = tile * 8 + r.
 template <int NT, int W>
-__device__ __forceinline__ void store_group_swiglu(const Params& p, const float* rb, int nc, int f_end,
-                                                int64_t out_base, float alpha, int tile0, int m0) {
+__device__ __forceinline__ void store_group_paired(const Params& p, const float* rb, int nc, int f_end,
+                                                   int64_t out_base, float alpha, int tile0, int m0) {
   for (int h = threadIdx.x; h < f_end / 2; h += nc * 32) {
     const int idx = (h & 63) | ((h >> 6) << 7);
     const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
-    store_swiglu(p, out_base, alpha, (tile0 + tp) * 8 + (ln >> 2), m0 + 8 * nt + 2 * (ln & 3) + (j & 1),
-                 stash_sum<NT, W>(rb, nc, idx), stash_sum<NT, W>(rb, nc, idx + 64));
+    const int n = (tile0 + tp) * 8 + (ln >> 2), m = m0 + 8 * nt + 2 * (ln & 3) + (j & 1);
+    const float lo = stash_sum<NT, W>(rb, nc, idx), hi = stash_sum<NT, W>(rb, nc, idx + 64);
+    if (p.epilogue == kEpilogueRotaryKV) {
+      store_rotary(p, alpha, n, m, lo, hi);
+    } else {
+      store_swiglu(p, out_base, alpha, n, m, lo, hi);
+    }
   }
 }
 // Ring geometry per token-tile count (H100/H200 measurements, benchmarks/kernel/NOTES.md):
@@ -236,15 +242,16 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
-// SWIGLU_OUT: the store is the SwiGLU epilogue (p.epilogue == kEpilogueSwiGluInterleaved,
-// bf16 W4A16 only). A template flag, not a branch on p.epilogue: with the branch in
-// every kernel the ordinary kernels' register allocation changed (an 8-byte spill at
-// 4 token tiles; driver, H100: 1-3% slower at M = 16).
-template <typename T, int NT, bool A4, int ACT = kActGlobal, bool SWIGLU_OUT = false>
+// PAIRED_OUT: the store is an epilogue pairing rows r and r + 8 (p.epilogue:
+// kEpilogueSwiGluInterleaved or kEpilogueRotaryKV; bf16 W4A16 only). A template
+// flag, not a branch on p.epilogue in every kernel: with the branch the ordinary
+// kernels' register allocation changed (an 8-byte spill at 4 token tiles; driver,
+// H100: 1-3% slower at M = 16).
+template <typename T, int NT, bool A4, int ACT = kActGlobal, bool PAIRED_OUT = false>
 __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_kernel(const __grid_constant__ Params p) {
   static_assert(ACT == kActGlobal || (NT == 1 && !A4 && std::is_same<T, __nv_bfloat16>::value),
                 "activations staged in shared memory: M <= 8, bf16 operands");
-  static_assert(!SWIGLU_OUT || (!A4 && std::is_same<T, __nv_bfloat16>::value), "the SwiGLU epilogue: bf16 W4A16");
+  static_assert(!PAIRED_OUT || (!A4 && std::is_same<T, __nv_bfloat16>::value), "the paired epilogues: bf16 W4A16");
   constexpr bool QA = ACT == kActQuantize;
   using Cfg = PkCfg<NT>;
   constexpr int S = Cfg::kStages;
@@ -501,8 +508,8 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     // A one-tile group stores its first tile only (the next tile is another CTA's):
     // the stash puts tile tp at [tp * F / kTPW, (tp + 1) * F / kTPW).
     const int f_end = pair ? F : F / kTPW;
-    if constexpr (SWIGLU_OUT) {
-      store_group_swiglu<NT, Cfg::kWarps>(p, rb, nc, f_end, out_base / 2, alpha, tile0, pro.m0);
+    if constexpr (PAIRED_OUT) {
+      store_group_paired<NT, Cfg::kWarps>(p, rb, nc, f_end, out_base / 2, alpha, tile0, pro.m0);
     } else {
       for (int idx = threadIdx.x; idx < f_end; idx += nc * 32) {
         const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
