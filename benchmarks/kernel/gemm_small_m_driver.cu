@@ -595,6 +595,12 @@ static void bench(bool quick) {
     CK(cudaMalloc(&A4s, static_cast<size_t>(128) * C + 64));
     fill_kernel<<<256, 256>>>(A4, static_cast<size_t>(32) * K / 2, 3, 0);
     fill_kernel<<<256, 256>>>(A4s, static_cast<size_t>(128) * C + 64, 4, 1);
+    uint16_t* norm_w;  // kinds 5, 7: the RMSNorm weight (bf16 ones)
+    CK(cudaMalloc(&norm_w, static_cast<size_t>(K) * 2));
+    {
+      std::vector<uint16_t> ones(K, 0x3F80);
+      CK(cudaMemcpy(norm_w, ones.data(), ones.size() * 2, cudaMemcpyHostToDevice));
+    }
     CK(cudaDeviceSynchronize());
     const int iters = std::max(6 * copies, 60);
     // floor: stream data + scales of each copy
@@ -642,12 +648,14 @@ static void bench(bool quick) {
            N, K, per / 1e6, copies, fl, fl2);
     for (int kind : kinds) {
       // 0 packed bf16, 1 plain bf16 (linear scales), 2 packed w4a4 (8x4 act scales), 3 plain 128x4 bf16,
-      // 4 packed w4a4 quantizing bf16 activations in the kernel (M <= 8)
+      // 4 packed w4a4 quantizing bf16 activations in the kernel (M <= 8); packed bf16 with
+      // 5 the RMSNorm prologue (M <= 8), 6 the SwiGLU epilogue, 7 both (the decode's gate_up)
       if (quick && kind >= 2) continue;
       if (kind == 3 && N != 28672) continue;
       for (int M : Ms) {
         if (kind == 2 && (M == 2 || M == 16)) continue;
-        if (kind == 4 && (M > 8 || std::min(M, 8) * qa_row_bytes(K) > kQaMaxBytes)) continue;
+        if ((kind == 4 || kind == 5 || kind == 7) && (M > 8 || std::min(M, 8) * qa_row_bytes(K) > kQaMaxBytes))
+          continue;
         Launch L;
         L.p.a = kind == 2 ? static_cast<const void*>(A4) : static_cast<const void*>(A);
         L.p.a_sf = A4s;
@@ -667,7 +675,14 @@ static void bench(bool quick) {
         L.f16 = false;
         L.a4 = kind == 2;
         L.qa = kind == 4;
-        L.packed = kind == 0 || kind == 2 || kind == 4;
+        L.packed = kind == 0 || kind == 2 || kind >= 4;
+        if (kind >= 5) L.p.a_g = nullptr;  // W4A16 (a_g set: the staged rows would be quantized, W4A4)
+        if (kind == 5 || kind == 7) {
+          L.p.prologue = kPrologueRmsNorm;
+          L.p.norm_w = reinterpret_cast<const __nv_bfloat16*>(norm_w);
+          L.p.eps = 1e-5f;
+        }
+        if (kind == 6 || kind == 7) L.p.epilogue = kEpilogueSwiGluInterleaved;
         auto go = [&](int c) {
           L.p.b = W[c];
           L.p.b_sf = S[c];
@@ -687,7 +702,8 @@ static void bench(bool quick) {
         CK(cudaEventElapsedTime(&ms, e0, e1));
         const float us = ms * 1000 / iters;
         const char* kn[] = {"w4a16 bf16 packed", "w4a16 bf16 plain lin", "w4a4 packed (a 8x4)", "w4a16 plain 128x4",
-                            "w4a4 packed, quantize a"};
+                            "w4a4 packed, quantize a", "w4a16 packed rms_norm", "w4a16 packed swiglu_out",
+                            "w4a16 rms_norm+swiglu"};
         char line[256];
         snprintf(line, sizeof line, "%5dx%-6d %-22s %4d %9.2f %9.2f %6.1f%%", N, K, kn[kind], M, us, fl,
                  100.0f * fl / us);
@@ -697,6 +713,7 @@ static void bench(bool quick) {
     }
     cudaFree(A4);
     cudaFree(A4s);
+    cudaFree(norm_w);
   }
   printf("\n==== summary (%%floor = read-only floor time / kernel time) ====\n");
   for (auto& l : table) printf("%s\n", l.c_str());
@@ -838,8 +855,21 @@ static void trace_exp() {
       CK(cudaEventElapsedTime(&ms, e0, e1));
       fl.push_back(ms * 1000);
     }
+    uint16_t* norm_w = nullptr;  // DRV_PROLOGUE=1: the RMSNorm prologue (M <= 8), weight bf16 ones
+    const bool rms = !env_ints("DRV_PROLOGUE", {0}).empty() && env_ints("DRV_PROLOGUE", {0})[0] == 1;
+    if (rms) {
+      CK(cudaMalloc(&norm_w, static_cast<size_t>(K) * 2));
+      std::vector<uint16_t> ones(K, 0x3F80);
+      CK(cudaMemcpy(norm_w, ones.data(), ones.size() * 2, cudaMemcpyHostToDevice));
+    }
     for (int M : Ms) {
       Launch L = w4a16_launch(io.A, io.g, io.out, true);
+      L.p.a_g = nullptr;  // W4A16
+      if (rms) {
+        L.p.prologue = kPrologueRmsNorm;
+        L.p.norm_w = reinterpret_cast<const __nv_bfloat16*>(norm_w);
+        L.p.eps = 1e-5f;
+      }
       std::vector<double> ev;
       std::vector<std::vector<double>> lo(kTraceSlots), md(kTraceSlots), hi(kTraceSlots);
       int ctas = 0;

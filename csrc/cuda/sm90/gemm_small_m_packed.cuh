@@ -138,7 +138,7 @@ struct PkCfg {
 template <int NT>
 constexpr size_t packed_smem_bytes(int nc) {
   return static_cast<size_t>(nc) * PkCfg<NT>::kRedBufs * kTPW * NT * 4 * 32 * sizeof(float) +
-         static_cast<size_t>(PkCfg<NT>::kStages) * (PkCfg<NT>::kStageBytes + 16);
+         static_cast<size_t>(PkCfg<NT>::kStages) * (PkCfg<NT>::kStageBytes + 16) + 16;  // + the `go` barrier
 }
 
 // ---- W4A4 with the activation quantization inside the kernel (QA) -------------
@@ -287,13 +287,17 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + Cfg::kRedBufs * nc * F * 4;
   const uint32_t full = ring + S * Cfg::kStageBytes;  // [S] mbarriers, then empty [S]
   const uint32_t empty = full + 8 * S;
+  // Staged kernels: the consumers' rows are read before the ring's first copies
+  // (below); every consumer lane arrives once its first loads are issued.
+  const uint32_t go = empty + 8 * S;
   // Staged activations (QA, fused prologues), after the barriers (16-byte aligned).
-  unsigned char* const act = smem_raw + Cfg::kRedBufs * nc * F * 4 + S * (Cfg::kStageBytes + 16);
+  unsigned char* const act = smem_raw + Cfg::kRedBufs * nc * F * 4 + S * (Cfg::kStageBytes + 16) + 16;
   if (warp == nc && lane == 0) {
     for (int i = 0; i < S; ++i) {
       mbar_init(full + 8 * i, 1);        // the producer's arrival (+ the bytes)
       mbar_init(empty + 8 * i, nc * 32);  // every consumer lane
     }
+    mbar_init(go, nc * 32);
     fence_mbar_init();  // initialised before the bulk copies and the other warps use them
   }
   __syncthreads();
@@ -327,6 +331,11 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     // item by ~1 us and cost 0.5-2 us a GEMM (benchmarks/kernel/NOTES.md,
     // sessions 13 and 14).
     if (!p.weights_ready) grid_dependency_wait();
+    // A staged kernel's rows (a few KB every CTA needs before its first item) are
+    // read first: issued behind the ring's first copies (~55 KB a CTA, 7 MB over
+    // the grid) their latency was the copies', and the prologue cost 2-2.7 us a
+    // call at M = 1 (H100 driver, benchmarks/kernel/NOTES.md session 17).
+    if constexpr (ACT != kActGlobal) mbar_wait(go, 0);
     int qi = 0;
     uint32_t ph = 1;  // parity to wait for on `empty`: a fresh barrier's previous phase counts as complete
     for (int n = 0; n < nitems; ++n) {
@@ -357,16 +366,20 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   uint32_t act_lane = 0;  // staged: shared address of the lane's token row at chunk c0, slot t
   if constexpr (QA) {
     // While the producer fills the ring: the activations, quantized once per CTA.
+    // (Its loads sit inside its loop: the producer waiting for all of it was
+    // slower, +0.5-0.9 us at M = 1 in the driver, so the ring starts at once.)
+    mbar_arrive(go);
     qa_quantize_rows(p, pro.ia, act, static_cast<int>(threadIdx.x), nc * 32);
     consumers_sync(nc);
     alpha = epilogue_alpha<true>(p, pro.ia, pro.ib);  // the W4A4 kernel's (activations times 2^-7)
   } else if constexpr (ACT == kActFused) {
     // While the producer fills the ring: the prologue's rows (the reduction
     // buffers, unused until the first group ends, hold the RMSNorm's warp sums).
+    const auto issued = [go] { mbar_arrive(go); };
     if (p.prologue == kPrologueRmsNorm) {
-      rms_norm_rows(p, act, red, static_cast<int>(threadIdx.x), nc);
+      rms_norm_rows(p, act, red, static_cast<int>(threadIdx.x), nc, issued);
     } else {
-      swiglu_rows(p, act, static_cast<int>(threadIdx.x), nc);
+      swiglu_rows(p, act, static_cast<int>(threadIdx.x), nc, issued);
     }
     if (p.a_g != nullptr) {  // W4A4: the staged rows quantized in place, as QA quantizes a
       qa_quantize_rows(p, pro.ia, act, static_cast<int>(threadIdx.x), nc * 32, true);

@@ -87,9 +87,14 @@ __device__ __forceinline__ void load_round(StageIter& it, int v_in, Load load, I
 // there to the chunk padding. The rounds are counted alike in every thread and
 // compute runs in every lane (on zeros for a lane without an item), so it may
 // use warp shuffles.
-template <typename In, typename Load, typename Compute>
+// A no-op `issued` callback (stage_rows, rms_norm_rows).
+struct NoSignal {
+  __device__ __forceinline__ void operator()() const {}
+};
+
+template <typename In, typename Load, typename Compute, typename Issued = NoSignal>
 __device__ __forceinline__ void stage_rows(int rows, int K, unsigned char* act, int tid, int nthreads, Load load,
-                                           Compute compute) {
+                                           Compute compute, Issued issued = {}) {
   const int v_in = K / 8, vp = (K + kChunk - 1) / kChunk * (kChunk / 8);
   const int64_t stride = qa_row_bytes(K);
   const int rounds = stage_rounds(rows, vp, nthreads);
@@ -98,6 +103,7 @@ __device__ __forceinline__ void stage_rows(int rows, int K, unsigned char* act, 
     In in[kStageUnroll] = {};
     int rr[kStageUnroll], vv[kStageUnroll];
     load_round(it, v_in, load, in, rr, vv);
+    if (round == 0) issued();
 #pragma unroll
     for (int u = 0; u < kStageUnroll; ++u) {
       const uint4 y = compute(max(rr[u], 0), in[u]);
@@ -127,7 +133,9 @@ __device__ __forceinline__ float sum_squares8(const uint4& v) {
 // vectors take one round (K = 4096: up to 4 rows) they stay in registers from
 // the sums to the output; else the second pass loads them again (L1 hits).
 // Ends with a consumer barrier (act is ready).
-__device__ __forceinline__ void rms_norm_rows(const Params& p, unsigned char* act, float* scratch, int tid, int nc) {
+template <typename Issued = NoSignal>
+__device__ __forceinline__ void rms_norm_rows(const Params& p, unsigned char* act, float* scratch, int tid, int nc,
+                                              Issued issued = {}) {
   const int rows = min(p.M, 8), K = p.K, v_in = K / 8, nthreads = nc * 32;
   const int vp = (K + kChunk - 1) / kChunk * (kChunk / 8);
   const int warp = tid >> 5, lane = tid & 31;
@@ -147,6 +155,7 @@ __device__ __forceinline__ void rms_norm_rows(const Params& p, unsigned char* ac
   for (int round = 0; round < rounds; ++round) {
     TwoVecs in[kStageUnroll] = {};
     load_round(it, v_in, load, in, rr, vv);
+    if (round == 0) issued();
 #pragma unroll
     for (int u = 0; u < kStageUnroll; ++u) {
       if (rr[u] >= 0 && vv[u] < v_in) {
@@ -200,7 +209,8 @@ __device__ __forceinline__ void rms_norm_rows(const Params& p, unsigned char* ac
 // SwiGLU of rows 0 .. min(M, 8) - 1 of a [M, 2K] (gate | up) into `act`:
 // gate * sigmoid(gate) * up in float32 (the fast exp and division: a few ulp,
 // far below the bf16 rounding), rounded once. Ends with a consumer barrier.
-__device__ __forceinline__ void swiglu_rows(const Params& p, unsigned char* act, int tid, int nc) {
+template <typename Issued = NoSignal>
+__device__ __forceinline__ void swiglu_rows(const Params& p, unsigned char* act, int tid, int nc, Issued issued = {}) {
   const int rows = min(p.M, 8), K = p.K;
   const __nv_bfloat16* a = static_cast<const __nv_bfloat16*>(p.a);
   stage_rows<TwoVecs>(
@@ -216,7 +226,8 @@ __device__ __forceinline__ void swiglu_rows(const Params& p, unsigned char* act,
 #pragma unroll
         for (int i = 0; i < 8; ++i) y[i] = __fdividef(gate[i], 1.0f + __expf(-gate[i])) * up[i];
         return pack8(y);
-      });
+      },
+      issued);
   consumers_sync(nc);
 }
 
