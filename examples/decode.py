@@ -24,7 +24,9 @@ lm_head is a quantized copy of the table; the token lookup stays bf16. The
 bf16 baseline keeps a bf16 lm_head (a checkpoint's quantized one dequantized).
 
 With fused projections and neighbours, the NVFP4 gate_up_proj's SwiGLU is its
-epilogue (its weight rows interleaved by jaxfp4.interleave_gate_up), and each
+epilogue (its weight rows interleaved by jaxfp4.interleave_gate_up), qkv_proj's
+RoPE and KV-cache writes are its epilogue (jaxfp4.RotaryKVCache; its heads'
+halves interleaved by jaxfp4.interleave_rotary), and each
 layer's o_proj, gate_up_proj, down_proj and the next layer's qkv_proj run as
 one jaxfp4.matmul_chain (on the GPU at batch 1 one custom call whose GEMMs
 overlap each other's start and end; --no-chain: separate ops, the same values). Every model's decode-step attention (--attention) is cuDNN's
@@ -264,8 +266,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="separate q/k/v and gate/up projections (default: fused qkv_proj, gate_up_proj)")
     p.add_argument("--no-fuse-neighbours", dest="fuse_neighbours", action="store_false",
-                   help="the NVFP4 models run their RMSNorms, SwiGLU and residual adds as separate ops "
-                   "(default: passed to the projections, jaxfp4.matmul's prologue and residual)")
+                   help="the NVFP4 models run their RMSNorms, SwiGLU, residual adds, RoPE and KV-cache writes as "
+                   "separate ops (default: passed to the projections, jaxfp4.matmul's prologue, residual and "
+                   "epilogue)")
     p.add_argument("--dynamic-act-scale", action="store_true", help="W4A4: dynamic activation global "
                    "scales (an amax pass per projection), not static ones (the checkpoint's or calibrated)")
     p.add_argument("--calib-seqs", type=int, default=4, help="extra random sequences to calibrate on")
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
           f"ffn {cfg.ffn}, vocab {cfg.vocab}; prompt {args.prompt_len}, decode {args.tokens} tokens")
     print("projections: " + ("fused qkv_proj, gate_up_proj" if fused else "unfused (--no-fuse)" if not args.fuse
                              else "unfused (the checkpoint's q/k/v or gate/up global scales differ)"))
-    print("NVFP4 models: RMSNorms, SwiGLU and residual adds " +
+    print("NVFP4 models: RMSNorms, SwiGLU, residual adds" + (", RoPE and KV-cache writes" if fused else "") + " " +
           ("in the projections (jaxfp4.matmul prologue/residual/epilogue)" if args.fuse_neighbours
            else "as separate ops (--no-fuse-neighbours)") +
           ("; o_proj + MLP + the next qkv_proj as one jaxfp4.matmul_chain"

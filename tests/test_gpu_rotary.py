@@ -210,3 +210,19 @@ def test_handler_rejects_what_it_cannot_run(rng):
         _chain_call(rng, cos_cols=8)
     with pytest.raises(Exception, match=r"out must be \[M, heads \* head_dim\]"):
         _chain_call(rng, out_heads=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2, 4, 16])
+def test_prologue_at_more_rows_keeps_the_epilogue_in_the_kernel(rng, m):
+    """A rotary link with the RMSNorm prologue at M > 1 (which the kernel's prologue does
+    not take): the norm in XLA, then the link alone, its epilogue still in the kernel."""
+    d = 1024
+    _, wr = _qkv(rng, 8, 2, 64, d)
+    e = _epilogue(rng, m, 1, 9, 8, 2, 64)
+    x = jnp.asarray(random_matrix(rng, (m, 1, d), spread=3), jnp.bfloat16)
+    norm = jaxfp4.RMSNorm(jnp.asarray(0.5 + rng.random(d), jnp.bfloat16), EPS)
+    got = _run(lambda x, e: jaxfp4.matmul(x, wr, prologue=norm, epilogue=e), x, e)
+    tiles = 8 if m <= 8 else 16
+    assert jaxfp4.backend_info()["kernels_run"]["gemm"] == f"sm90_gemm_small_m_w4a16_bf16_n{tiles}_packed_rotary_kv_out"
+    assert_rotary_equal(got, _rows(jaxfp4.matmul(x, wr, prologue=norm)), e)

@@ -27,13 +27,15 @@ from __future__ import annotations
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.core import ShapedArray
 
 from jaxfp4 import format as fmt
 from jaxfp4.fused import rotary_kv_rows
 from jaxfp4.primitives import _common
-from jaxfp4.primitives.fused_gemm import EPILOGUE_IDS, PROLOGUE_IDS, fused_gemm_p, native_fits, out_features
+from jaxfp4.primitives.fused_gemm import (EPILOGUE_IDS, PROLOGUE_IDS, _apply_prologue, fused_gemm_p, native_fits,
+                                          out_features)
 from jaxfp4.primitives.gemm import PACKING_IDS
 
 gemm_chain_p = _common.define("jaxfp4_gemm_chain")
@@ -64,15 +66,23 @@ def _abstract_eval(a, *ops, links, res_from, rotary_heads):
 
 
 def _compose(a, *ops, links, res_from, rotary_heads):
-    """The links as separate fused_gemm_p ops (a rotary link: the GEMM, then its
-    epilogue in jnp)."""
+    """The links as separate fused_gemm_p ops. A rotary link with a prologue: the
+    prologue in jnp, then the link alone without it (a chain of one: on the GPU
+    the kernel's epilogue where it fits, e.g. at 2-32 rows, which a prologue in
+    the kernel is not); without one, the GEMM, then its epilogue in jnp."""
     outs, caches, x = [], [], a
     for i, (p, heads, (fused, rot)) in enumerate(zip(links, rotary_heads, _link_operands(ops, rotary_heads))):
         norm_w, a_g, b_data, b_scales, b_g, residual = fused
         if res_from[i] >= 0:
             residual = outs[res_from[i]]
         p = dict(p)
-        if heads:
+        if heads and p["prologue"] != "none":
+            bare = {**p, "prologue": "none", "eps": 0.0}
+            x, kc, vc = gemm_chain_p.bind(
+                _apply_prologue(x, norm_w, p["prologue"], p["eps"]), jnp.zeros((0,), x.dtype), a_g, b_data, b_scales,
+                b_g, residual, *rot, links=(tuple(sorted(bare.items())),), res_from=(-1,), rotary_heads=(heads,))
+            caches += [kc, vc]
+        elif heads:
             (y,) = fused_gemm_p.bind(x, norm_w, a_g, b_data, b_scales, b_g, residual, **{**p, "epilogue": "none"})
             x, kc, vc = rotary_kv_rows(y, *rot, heads=heads)
             caches += [kc, vc]
