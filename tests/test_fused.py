@@ -177,7 +177,7 @@ def test_w4a4_residual_at_decoded_rows(rng, m, prologue):
                                  epilogue, quantize_a, a_sf_layout, **params):
         """What the route's one call computes, as primitives: quantize_decoded, then
         the fused W4A16 op with g_a * g_b storing the residual."""
-        x = fused_gemm._apply_prologue(a, norm_weight, prologue, eps)
+        x = fused_gemm.apply_prologue(a, norm_weight, prologue, eps)
         xq, g = quantize_decoded_p.bind(x, a_g, b_g.reshape(a_g.shape))
         return fused_gemm_p.bind(xq, jnp.zeros((0,), jnp.bfloat16), jnp.zeros((0,), jnp.float32), b_data,
                                  b_scales, g, residual, prologue="none", eps=0.0, epilogue="none", quantize_a=False,

@@ -91,7 +91,8 @@ def _abstract_eval(a, norm_weight, a_g, b_data, b_scales, b_g, residual, **param
     return [ShapedArray((a.shape[0], out_features(params)), np.dtype(params["out_dtype"]))]
 
 
-def _apply_prologue(a, norm_weight, prologue, eps):
+def apply_prologue(a, norm_weight, prologue, eps):
+    """A prologue param (and its norm weight, eps) applied in jnp (also gemm_chain's)."""
     if prologue == "rms_norm":
         return RMSNorm(norm_weight, eps)(a)
     if prologue == "swiglu":
@@ -102,7 +103,7 @@ def _apply_prologue(a, norm_weight, prologue, eps):
 def _compose(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, eps, epilogue, quantize_a,
              a_sf_layout, b_sf_layout, b_packing, b_shape, out_dtype):
     """The unfused ops: prologue (jnp), the GEMM, the epilogue (jnp), the residual add."""
-    x = _apply_prologue(a, norm_weight, prologue, eps)
+    x = apply_prologue(a, norm_weight, prologue, eps)
     b = dict(b_sf_layout=b_sf_layout, b_packing=b_packing, b_shape=b_shape, out_dtype=out_dtype)
     if quantize_a:
         (out,) = gemm_p.bind(x[None], a_g[None], b_data[None], b_scales[None], b_g[None], mode="w4a4_quantize_a",
@@ -117,7 +118,7 @@ def _compose(a, norm_weight, a_g, b_data, b_scales, b_g, residual, *, prologue, 
 
 def _prologue_then_fused(a, norm_weight, *rest, prologue, eps, **params):
     """The prologue in jnp, then the fused op with the residual alone."""
-    x = _apply_prologue(a, norm_weight, prologue, eps)
+    x = apply_prologue(a, norm_weight, prologue, eps)
     return fused_gemm_p.bind(x, jnp.zeros((0,), a.dtype), *rest, prologue="none", eps=0.0, **params)
 
 
@@ -127,7 +128,7 @@ def _quantized_then_fused(a, norm_weight, a_g, b_data, b_scales, b_g, residual, 
     then one call quantizing and decoding x exactly to bf16 and running the W4A16
     kernel with g_a * g_b, whose store adds the residual (gemm.w4a4_decoded, as
     gemm's route)."""
-    x = _apply_prologue(a, norm_weight, prologue, eps)
+    x = apply_prologue(a, norm_weight, prologue, eps)
     return (w4a4_decoded(x, a_g, b_data, b_scales, b_g, residual, **params),)
 
 

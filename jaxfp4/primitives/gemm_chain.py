@@ -34,7 +34,7 @@ from jax.core import ShapedArray
 from jaxfp4 import format as fmt
 from jaxfp4.fused import rotary_kv_rows
 from jaxfp4.primitives import _common
-from jaxfp4.primitives.fused_gemm import (EPILOGUE_IDS, PROLOGUE_IDS, _apply_prologue, fused_gemm_p, native_fits,
+from jaxfp4.primitives.fused_gemm import (EPILOGUE_IDS, PROLOGUE_IDS, apply_prologue, fused_gemm_p, native_fits,
                                           out_features)
 from jaxfp4.primitives.gemm import PACKING_IDS
 
@@ -79,7 +79,7 @@ def _compose(a, *ops, links, res_from, rotary_heads):
         if heads and p["prologue"] != "none":
             bare = {**p, "prologue": "none", "eps": 0.0}
             x, kc, vc = gemm_chain_p.bind(
-                _apply_prologue(x, norm_w, p["prologue"], p["eps"]), jnp.zeros((0,), x.dtype), a_g, b_data, b_scales,
+                apply_prologue(x, norm_w, p["prologue"], p["eps"]), jnp.zeros((0,), x.dtype), a_g, b_data, b_scales,
                 b_g, residual, *rot, links=(tuple(sorted(bare.items())),), res_from=(-1,), rotary_heads=(heads,))
             caches += [kc, vc]
         elif heads:
@@ -119,13 +119,13 @@ def _native(platform, params):
         return None
     links = [dict(p) for p in params["links"]]
     return "jaxfp4_gemm_chain", {
-        "rotary_heads": np.array(params["rotary_heads"], np.int32),
         "prologue": np.array([PROLOGUE_IDS[p["prologue"]] for p in links], np.int32),
         "eps": np.array([p["eps"] for p in links], np.float32),
         "epilogue": np.array([EPILOGUE_IDS[p["epilogue"]] for p in links], np.int32),
         "b_sf_layout": np.array([fmt.SF_LAYOUT_IDS[p["b_sf_layout"]] for p in links], np.int32),
         "b_packing": np.array([PACKING_IDS[p["b_packing"]] for p in links], np.int32),
-        "res_from": np.array(params["res_from"], np.int32)}, _aliases(params)
+        "res_from": np.array(params["res_from"], np.int32),
+        "rotary_heads": np.array(params["rotary_heads"], np.int32)}, _aliases(params)
 
 
 def _batch(args, dims, **params):
