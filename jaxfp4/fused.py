@@ -21,7 +21,14 @@ An epilogue maps the GEMM's rounded output [..., M, N] to [..., M, N_out]:
                         epilogue=jaxfp4.InterleavedSwiGLU())  # [..., M, N_gate]
     x = jaxfp4.matmul(act, w_down, residual=h)
 
-The epilogue needs no other output column than its own pair, so every GEMM
+A decode step's qkv_proj takes its RoPE and KV-cache writes the same way:
+
+    w_qkv = jaxfp4.interleave_rotary(w_qkv, head_dim)         # once, offline
+    cos, sin = jaxfp4.rope_tables(positions, inv_freq)
+    q, k_cache, v_cache = jaxfp4.matmul(h, w_qkv, prologue=jaxfp4.RMSNorm(norm_weight), epilogue=
+        jaxfp4.RotaryKVCache(cos, sin, positions, k_cache, v_cache, heads=n_heads))
+
+An epilogue needs no other output column than its own pair, so every GEMM
 block computes it for the outputs it stores; a prologue SwiGLU instead is
 recomputed by every block for the whole row.
 The classes below are also the reference of each prologue (calling one
