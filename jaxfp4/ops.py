@@ -359,8 +359,6 @@ def interleave_gate_up(gate: NVFP4Tensor | jax.Array, up: NVFP4Tensor | jax.Arra
     """
     if isinstance(gate, NVFP4Tensor) or isinstance(up, NVFP4Tensor):
         gate, up = _check_tensor(gate, "gate"), _check_tensor(up, "up")
-        if gate.packing is not None or up.packing is not None:
-            raise ValueError("interleave_gate_up: pass plain weights (jaxfp4.unprepare_weights), then prepare the result")
         if gate.shape != up.shape:
             raise ValueError(f"gate and up must have equal shapes, got {describe(gate)} and {describe(up)}")
         try:
@@ -370,11 +368,7 @@ def interleave_gate_up(gate: NVFP4Tensor | jax.Array, up: NVFP4Tensor | jax.Arra
         if not same:
             raise ValueError("gate and up must share their global scale to interleave exactly (quantize them "
                              "together, e.g. the concatenated bf16 weight, or requantize)")
-        layout = gate.sf_layout
-        g, u = gate.with_sf_layout("linear"), up.with_sf_layout("linear")
-        data = _interleave_rows(g.data, u.data, -2)
-        scales = _interleave_rows(g.scales, u.scales, -2)
-        return NVFP4Tensor(data, scales, gate.global_scale, "linear").with_sf_layout(layout)
+        return _rows_permuted([gate, up], lambda g, u: _interleave_rows(g, u, -2), "interleave_gate_up")
     gate, up = jnp.asarray(gate), jnp.asarray(up)
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate and up must have equal shapes and dtypes, got {gate.shape} {gate.dtype} and "
@@ -395,13 +389,20 @@ def interleave_rotary(w: NVFP4Tensor | jax.Array, head_dim: int, *, axis: int = 
     afterwards. N % head_dim == 0, head_dim % 16 == 0.
     """
     if isinstance(w, NVFP4Tensor):
-        w = _check_tensor(w, "w")
-        if w.packing is not None:
-            raise ValueError("interleave_rotary: pass plain weights (jaxfp4.unprepare_weights), then prepare the result")
-        t = w.with_sf_layout("linear")
-        data, scales = (_interleave_heads(x, head_dim, -2) for x in (t.data, t.scales))
-        return NVFP4Tensor(data, scales, w.global_scale, "linear").with_sf_layout(w.sf_layout)
+        return _rows_permuted([_check_tensor(w, "w")], lambda x: _interleave_heads(x, head_dim, -2),
+                              "interleave_rotary")
     return _interleave_heads(jnp.asarray(w), head_dim, axis)
+
+
+def _rows_permuted(ts: list[NVFP4Tensor], permute: Any, who: str) -> NVFP4Tensor:
+    """The weight whose codes and (LINEAR) scales are `permute` of ts' codes and
+    scales along the rows: exact, in ts[0]'s scale layout and global scale.
+    Plain weights only (a prepared one's rows are tiles, not features)."""
+    if any(t.packing is not None for t in ts):
+        raise ValueError(f"{who}: pass plain weights (jaxfp4.unprepare_weights), then prepare the result")
+    lin = [t.with_sf_layout("linear") for t in ts]
+    data, scales = (permute(*(getattr(t, a) for t in lin)) for a in ("data", "scales"))
+    return NVFP4Tensor(data, scales, ts[0].global_scale, "linear").with_sf_layout(ts[0].sf_layout)
 
 
 def _interleave_heads(x: jax.Array, head_dim: int, axis: int) -> jax.Array:
