@@ -571,6 +571,8 @@ static void bench(bool quick) {
   for (size_t i = 0; i + 1 < sv.size(); i += 2) shapes.push_back({sv[i], sv[i + 1]});
   const std::vector<int> Ms = env_ints("DRV_MS", {1, 2, 4, 8, 16, 32});
   const std::vector<int> kinds = env_ints("DRV_KINDS", {0, 1, 2, 3});
+  // DRV_READY=1: launches as a chain's later links (Params::weights_ready: copies before the wait)
+  const bool ready = env_ints("DRV_READY", {0})[0] == 1;
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
@@ -683,6 +685,7 @@ static void bench(bool quick) {
           L.p.eps = 1e-5f;
         }
         if (kind == 6 || kind == 7) L.p.epilogue = kEpilogueSwiGluInterleaved;
+        L.p.weights_ready = ready ? 1 : 0;  // (safe here: nothing writes the weights)
         auto go = [&](int c) {
           L.p.b = W[c];
           L.p.b_sf = S[c];

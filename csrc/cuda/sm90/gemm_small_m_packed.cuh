@@ -49,6 +49,9 @@
 #ifndef JAXFP4_PK_STAGES_N32
 #define JAXFP4_PK_STAGES_N32 4  // ring stages for 16 < M <= 32
 #endif
+#ifndef JAXFP4_GO_AT_READY
+#define JAXFP4_GO_AT_READY 1  // staged chain links: ring items copied before the rows are read
+#endif
 #ifndef JAXFP4_PK_CPI_N8
 #define JAXFP4_PK_CPI_N8 2  // chunks per consumer warp and item for M <= 8
 #endif
@@ -332,14 +335,20 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     // sessions 13 and 14).
     if (!p.weights_ready) grid_dependency_wait();
     // A staged kernel's rows (a few KB every CTA needs before its first item) are
-    // read first: issued behind the ring's first copies (~55 KB a CTA, 7 MB over
-    // the grid) their latency was the copies', and the prologue cost 2-2.7 us a
-    // call at M = 1 (H100 driver, benchmarks/kernel/NOTES.md session 17).
-    if constexpr (ACT != kActGlobal) mbar_wait(go, 0);
+    // read before the ring's copies (the producer waits on `go` before item
+    // go_at): issued behind the first copies (~55 KB a CTA, 7 MB over the grid)
+    // their latency was the copies', and the prologue cost 2-2.7 us a call at
+    // M = 1. A chain's later link (weights_ready) copies its first item before
+    // that wait, at its CTAs' start, while the previous link's last CTAs still
+    // run: 28672x4096 with the RMSNorm prologue 28.4 -> 26.8 us, 6144x4096 9.4
+    // -> 9.1 (4096x4096, one item a CTA less to hide: 7.3 -> 7.5; H100 driver,
+    // benchmarks/kernel/NOTES.md sessions 17 and 18).
+    const int go_at = ACT == kActGlobal ? -1 : p.weights_ready ? JAXFP4_GO_AT_READY : 0;
     int qi = 0;
     uint32_t ph = 1;  // parity to wait for on `empty`: a fresh barrier's previous phase counts as complete
     for (int n = 0; n < nitems; ++n) {
       const Item w = item_at(n);
+      if (n == go_at) mbar_wait(go, 0);
       mbar_wait(empty + 8 * qi, ph);
       const uint32_t dst = ring + qi * Cfg::kStageBytes, bar = full + 8 * qi;
       mbar_expect_tx(bar, w.ntp * w.nck * (kPackedChunkBytes + kPackedScaleBytes));
