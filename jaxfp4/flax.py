@@ -271,15 +271,17 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, prologue: Prologue | None = None,
-                 residual: jax.Array | None = None, epilogue: Epilogue | None = None) -> jax.Array:
+                 residual: jax.Array | None = None, epilogue: Epilogue | None = None) -> Any:
         """Applies the layer to x [..., K]; returns [..., features] in `out_dtype` (default `dtype`).
 
         prologue: `jaxfp4.RMSNorm` or `jaxfp4.SwiGLU` (x is then [..., 2K]),
         applied to x (cast to `dtype`) first; residual: [..., features] in the
-        output dtype, added last (after the bias); epilogue:
-        `jaxfp4.InterleavedSwiGLU()` on the output of a gate_up layer whose
-        weight is `jaxfp4.interleave_gate_up(gate, up)` (returns [...,
-        features / 2]; no bias, no residual). Without a bias, W4A16 and w4a4
+        output dtype, added last (after the bias); epilogue (no bias, no
+        residual): `jaxfp4.InterleavedSwiGLU()` on the output of a gate_up
+        layer whose weight is `jaxfp4.interleave_gate_up(gate, up)` (returns
+        [..., features / 2]), or `jaxfp4.RotaryKVCache(...)` on a qkv layer
+        whose weight is `jaxfp4.interleave_rotary(w, head_dim)` (returns
+        (q [..., heads * head_dim], k_cache, v_cache)). Without a bias, W4A16 and w4a4
         with static_input_scale run them inside the GEMM kernel on the GPU
         where they can (`jaxfp4.matmul`'s prologue, residual and epilogue);
         else they are separate ops.
@@ -338,7 +340,8 @@ class Dense(nn.Module):
         not K). residual: an array, or an int j, the chain's link j's output.
         The chain's out_dtype applies. Needs a layer without bias, W4A16 or W4A4
         with static_input_scale (what one fused op can run). epilogue: as
-        __call__'s (the link's output is then [M, features / 2])."""
+        __call__'s (the link's output is then [M, features / 2], or the
+        RotaryKVCache tuple)."""
         # Through __call__, the module's one compact method (params are made there).
         return self(_LinkRequest(in_features), prologue=prologue, residual=residual, epilogue=epilogue)
 
