@@ -38,7 +38,7 @@
 #define JAXFP4_PK_STAGES_N8 3  // ring stages for M <= 8
 #endif
 #ifndef JAXFP4_ACT_AHEAD_MAX_NT
-#define JAXFP4_ACT_AHEAD_MAX_NT 1  // the most token tiles that load activations an item ahead
+#define JAXFP4_ACT_AHEAD_MAX_NT 2  // the most token tiles that load activations an item ahead
 #endif
 #ifndef JAXFP4_PK_CPI_N16
 #define JAXFP4_PK_CPI_N16 1  // chunks per consumer warp and item for 8 < M <= 16
@@ -82,14 +82,44 @@ __device__ __forceinline__ void trace_stamp(int slot) {
 
 constexpr int kPkWarps = JAXFP4_PK_WARPS;
 
-// Element idx of a group's reduction buffer (nc warps' stashes of F floats)
-// summed over the warps' K slices in a fixed tree order (deterministic).
-template <int NT, int W>
-__device__ __forceinline__ float stash_sum(const float* rb, int nc, int idx) {
-  constexpr int F = kTPW * NT * 4 * 32;
+// A warp's partial sums in its row of a reduction buffer. With 1-2 token tiles
+// token-major: (tile tp, row r, token tok) at tok * kStashTok + 16 tp + r, a
+// token's 32 rows in 36 floats, not 32, so that the lanes' stores of one mma
+// C element (rows g, tokens 2t) fall in 32 different banks; the summing
+// threads then read 32 consecutive rows of one token, as they store them. With
+// 4 token tiles the mma fragment order (element ((tp NT + nt) 4 + j) 32 +
+// lane): the token-major code made that kernel spill and run 5-7% slower (H100
+// driver, M = 32), where it made M = 16 up to 5% faster.
+constexpr int kStashTok = kTPW * 16 + 4;
+template <int NT>
+constexpr int stash_floats() {
+  return NT == 4 ? kTPW * NT * 4 * 32 : 8 * NT * kStashTok;
+}
+template <int NT>
+__device__ __forceinline__ void stash_rows(float* row, const float (&acc)[kTPW][NT][4], int lane) {
+  if constexpr (NT == 4) {
+    stash_acc(row, acc, lane);
+  } else {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int tp = 0; tp < kTPW; ++tp)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          row[(8 * nt + 2 * t + (j & 1)) * kStashTok + 16 * tp + 8 * (j >> 1) + g] = acc[tp][nt][j];
+  }
+}
+
+// Element i of a group's reduction buffer (nc warps' rows of F floats) summed
+// over the warps' K slices in a fixed tree order (deterministic). FULL: nc ==
+// W (every consumer warp present, the usual launch): no load needs a predicate.
+template <int NT, int W, bool FULL>
+__device__ __forceinline__ float stash_sum(const float* rb, int nc, int i) {
+  constexpr int F = stash_floats<NT>();
   float v[W];
 #pragma unroll
-  for (int w = 0; w < W; ++w) v[w] = w < nc ? rb[w * F + idx] : 0.0f;
+  for (int w = 0; w < W; ++w) v[w] = FULL || w < nc ? rb[w * F + i] : 0.0f;
 #pragma unroll
   for (int h = 1; h < W; h *= 2)
 #pragma unroll
@@ -97,25 +127,76 @@ __device__ __forceinline__ float stash_sum(const float* rb, int nc, int idx) {
   return v[0];
 }
 
-// A group's outputs with an epilogue that pairs rows r and r + 8 of a tile
-// (kEpilogueSwiGluInterleaved: gate and up; kEpilogueRotaryKV: dims d and d + D/2):
-// thread h takes fragment elements j = 0, 1 (row r) with their j + 2 (row r + 8),
-// stash elements idx and idx + 64; pair n = tile * 8 + r.
-template <int NT, int W>
-__device__ __forceinline__ void store_group_paired(const Params& p, const float* rb, int nc, int f_end,
-                                                   int64_t out_base, float alpha, int tile0, int m0) {
-  for (int h = threadIdx.x; h < f_end / 2; h += nc * 32) {
-    const int idx = (h & 63) | ((h >> 6) << 7);
-    const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
-    const int n = (tile0 + tp) * 8 + (ln >> 2), m = m0 + 8 * nt + 2 * (ln & 3) + (j & 1);
-    const float lo = stash_sum<NT, W>(rb, nc, idx), hi = stash_sum<NT, W>(rb, nc, idx + 64);
-    if (p.epilogue == kEpilogueRotaryKV) {
-      store_rotary(p, alpha, n, m, lo, hi);
+// A group's outputs (1-2 token tiles), summed and stored by the consumer
+// threads one (row, token) each, for the `mv` tokens that exist only: M = 1
+// has 32 outputs a group, not a token tile's 256, so decode's batch-1 groups
+// sum on one warp, not eight. Threads run token-major over rows: a warp stores
+// consecutive columns of one output row. PAIRED: the epilogues pairing rows r
+// and r + 8 of a tile (kEpilogueSwiGluInterleaved: gate and up;
+// kEpilogueRotaryKV: dims d and d + D/2), a thread a pair n = 8 tile + r;
+// out_base counts N/2 columns.
+template <int NT, int W, bool PAIRED, bool FULL>
+__device__ __forceinline__ void store_group_as(const Params& p, const float* rb, int nc, int ntp, int mv,
+                                               int64_t out_base, float alpha, int tile0, int m0) {
+  const int lg = ntp == kTPW ? 5 - PAIRED : 4 - PAIRED;  // log2(a tile's outputs per token x ntp)
+  for (int o = threadIdx.x; o < (mv << lg); o += nc * 32) {
+    const int tok = o >> lg, rr = o & ((1 << lg) - 1);               // rr: (PAIRED ? 8 : 16) tp + r
+    const int i = tok * kStashTok + (PAIRED ? rr + (rr & 8) : rr);  // 16 tp + r
+    const float v = stash_sum<NT, W, FULL>(rb, nc, i);
+    if constexpr (PAIRED) {
+      const float hi = stash_sum<NT, W, FULL>(rb, nc, i + 8);  // row r + 8
+      if (p.epilogue == kEpilogueRotaryKV) {
+        store_rotary(p, alpha, tile0 * 8 + rr, m0 + tok, v, hi);
+      } else {
+        store_swiglu(p, out_base, alpha, tile0 * 8 + rr, m0 + tok, v, hi);
+      }
     } else {
-      store_swiglu(p, out_base, alpha, n, m, lo, hi);
+      store_out(p, out_base, alpha, tile0 * 16 + rr, m0 + tok, v);
     }
   }
 }
+
+// 4 token tiles (M = 17-32): every fragment element, in the stash's fragment
+// order (rows and tokens past N and M are not stored). PAIRED: thread h takes
+// elements j = 0, 1 (row r) with their j + 2 (row r + 8), stash elements idx and
+// idx + 64, pair n = 8 tile + r.
+template <int W, bool PAIRED>
+__device__ __forceinline__ void store_group_nt4(const Params& p, const float* rb, int nc, int ntp, int64_t out_base,
+                                                float alpha, int tile0, int m0) {
+  constexpr int NT = 4;
+  const int f_end = ntp * NT * 4 * 32;
+  if constexpr (PAIRED) {
+    for (int h = threadIdx.x; h < f_end / 2; h += nc * 32) {
+      const int idx = (h & 63) | ((h >> 6) << 7);
+      const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
+      const int n = (tile0 + tp) * 8 + (ln >> 2), m = m0 + 8 * nt + 2 * (ln & 3) + (j & 1);
+      const float lo = stash_sum<NT, W, false>(rb, nc, idx), hi = stash_sum<NT, W, false>(rb, nc, idx + 64);
+      if (p.epilogue == kEpilogueRotaryKV) {
+        store_rotary(p, alpha, n, m, lo, hi);
+      } else {
+        store_swiglu(p, out_base, alpha, n, m, lo, hi);
+      }
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < f_end; idx += nc * 32) {
+      const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
+      store_frag(p, out_base, alpha, tile0, m0, tp, nt, j, ln, stash_sum<NT, W, false>(rb, nc, idx));
+    }
+  }
+}
+
+template <int NT, int W, bool PAIRED>
+__device__ __forceinline__ void store_group(const Params& p, const float* rb, int nc, int ntp, int mv,
+                                            int64_t out_base, float alpha, int tile0, int m0) {
+  if constexpr (NT == 4) {
+    store_group_nt4<W, PAIRED>(p, rb, nc, ntp, out_base, alpha, tile0, m0);
+  } else if (nc == W) {  // uniform over the CTA
+    store_group_as<NT, W, PAIRED, true>(p, rb, nc, ntp, mv, out_base, alpha, tile0, m0);
+  } else {
+    store_group_as<NT, W, PAIRED, false>(p, rb, nc, ntp, mv, out_base, alpha, tile0, m0);
+  }
+}
+
 // Ring geometry per token-tile count (H100/H200 measurements, benchmarks/kernel/NOTES.md):
 // one token tile (M <= 8) runs 2 chunks per warp and item (half the loop
 // overhead per weight); with 2 token tiles 2 chunks no longer spill but were
@@ -127,6 +208,13 @@ struct PkCfg {
   static constexpr int kWarps = kPkWarps;       // most consumer warps
   static constexpr int kCpi = NT == 1 ? JAXFP4_PK_CPI_N8 : NT == 2 ? JAXFP4_PK_CPI_N16 : 1;  // chunks per warp and item
   static constexpr int kStages = NT == 1 ? JAXFP4_PK_STAGES_N8 : NT == 2 ? JAXFP4_PK_STAGES_N16 : JAXFP4_PK_STAGES_N32;
+  // The producer asks for ring item kFirstLands only once item 0 has landed (-1:
+  // the whole ring at once). With 2 token tiles the first of four 18 KB items
+  // then lands sooner (fewer bytes asked for over the grid at once) and the
+  // consumers start earlier: H100 driver, M = 16, no PDL, 18.85 -> 18.12 us
+  // (4096x14336), 33.5 -> 32.7 (28672x4096); at 1 token tile (3 items of 37 KB)
+  // it was up to 2% slower, and waiting before item 1 slower at both.
+  static constexpr int kFirstLands = NT == 2 ? 2 : -1;
   // Reduction buffers: two alternate by group (one barrier per group); with four
   // token tiles one (their size would crowd out the ring), and a second barrier.
   static constexpr int kRedBufs = NT == 4 ? 1 : 2;
@@ -140,7 +228,7 @@ struct PkCfg {
 // ring, then its mbarriers (full and empty per stage).
 template <int NT>
 constexpr size_t packed_smem_bytes(int nc) {
-  return static_cast<size_t>(nc) * PkCfg<NT>::kRedBufs * kTPW * NT * 4 * 32 * sizeof(float) +
+  return static_cast<size_t>(nc) * PkCfg<NT>::kRedBufs * stash_floats<NT>() * sizeof(float) +
          static_cast<size_t>(PkCfg<NT>::kStages) * (PkCfg<NT>::kStageBytes + 16) + 16;  // + the `go` barrier
 }
 
@@ -260,7 +348,7 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   constexpr int S = Cfg::kStages;
   constexpr int kCpi = Cfg::kCpi;
   constexpr int kSC = Cfg::kStageChunks;
-  constexpr int F = kTPW * NT * 4 * 32;  // floats of one warp's partial sums
+  constexpr int F = stash_floats<NT>();  // floats of one warp's partial sums
   static_assert(S >= 2, "the ring needs two stages");
   const int lane = threadIdx.x & 31;
   // Broadcast from lane 0, so the compiler knows the warp index is the same in
@@ -349,6 +437,7 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     for (int n = 0; n < nitems; ++n) {
       const Item w = item_at(n);
       if (n == go_at) mbar_wait(go, 0);
+      if (n == Cfg::kFirstLands) mbar_wait(full, 0);  // item 0 has landed (its phase 0)
       mbar_wait(empty + 8 * qi, ph);
       const uint32_t dst = ring + qi * Cfg::kStageBytes, bar = full + 8 * qi;
       mbar_expect_tx(bar, w.ntp * w.nck * (kPackedChunkBytes + kPackedScaleBytes));
@@ -404,12 +493,12 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
   const int64_t item_act = static_cast<int64_t>(nc) * kCpi * (A4 ? kChunk / 2 : kChunk * 2);  // bytes per item
   const int64_t item_asf = static_cast<int64_t>(nc) * kCpi * p.a_sf_cstride;
 
-  // Activations from global memory are loaded one item ahead (kAhead) with one
-  // token tile: loaded right before use, their L2 latency was exposed after one
+  // Activations from global memory are loaded one item ahead (kAhead) with 1-2
+  // token tiles: loaded right before use, their L2 latency was exposed after one
   // item's dequantization (H100 driver, M = 1-8: 1.5-8% faster ahead, most on
-  // the small 4096- and 6144-row weights). With 2 token tiles it gained nothing
-  // (the time there is not the loads' latency, benchmarks/kernel/NOTES.md); with
-  // 4 the extra registers spill.
+  // the small 4096- and 6144-row weights; at 2 token tiles it paid only beside
+  // the token-major reduction, M = 16 28672x4096 32.8 -> 31.3 us,
+  // benchmarks/kernel/NOTES.md session 19). With 4 the extra registers spill.
   constexpr bool kAhead = ACT == kActGlobal && NT <= JAXFP4_ACT_AHEAD_MAX_NT;
   // The lane's activations of K item `ik` (of any group: every group walks the same K).
   auto load_item = [&](ActStage<NT, A4>(&dst)[kCpi], const uint8_t* const (&aq)[NT],
@@ -524,20 +613,12 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     // per group suffices: a buffer is rewritten two groups later, after every
     // consumer has passed the next group's barrier and so finished reading it.
     float* const rb = red + (Cfg::kRedBufs == 2 ? (grp & 1) * nc * F : 0);
-    stash_acc(rb + warp * F, acc, lane);
+    stash_rows(rb + warp * F, acc, lane);
     zero_acc(acc);
     consumers_sync(nc);
-    // A one-tile group stores its first tile only (the next tile is another CTA's):
-    // the stash puts tile tp at [tp * F / kTPW, (tp + 1) * F / kTPW).
-    const int f_end = pair ? F : F / kTPW;
-    if constexpr (PAIRED_OUT) {
-      store_group_paired<NT, Cfg::kWarps>(p, rb, nc, f_end, out_base / 2, alpha, tile0, pro.m0);
-    } else {
-      for (int idx = threadIdx.x; idx < f_end; idx += nc * 32) {
-        const int ln = idx & 31, j = (idx >> 5) & 3, nt = (idx >> 7) % NT, tp = (idx >> 7) / NT;
-        store_frag(p, out_base, alpha, tile0, pro.m0, tp, nt, j, ln, stash_sum<NT, Cfg::kWarps>(rb, nc, idx));
-      }
-    }
+    // A one-tile group stores its first tile only (the next tile is another CTA's).
+    store_group<NT, Cfg::kWarps, PAIRED_OUT>(p, rb, nc, pair ? kTPW : 1, min(p.M - pro.m0, 8 * NT),
+                                             PAIRED_OUT ? out_base / 2 : out_base, alpha, tile0, pro.m0);
     if constexpr (Cfg::kRedBufs == 1) consumers_sync(nc);  // the buffer is read before it is rewritten
   }
   JAXFP4_TRACE_AT(threadIdx.x == 0, 5);
