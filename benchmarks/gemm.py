@@ -34,7 +34,9 @@ Methods (out = A [M, K] @ W [N, K]^T in bfloat16):
                       product as one op (on the GPU the kernel quantizes a itself for M <= 8
                       when a's rows fit its shared memory; else quantize + W4A4), prepared weights
   read_floor          csrc/cuda/bench_stream.cu: streams the same NVFP4 weight bytes
-                      (codes + scales) with 16-byte loads and an SM-sized grid
+                      (codes + scales) with 16-byte loads and an SM-sized grid; each call
+                      waits for the one before it (griddepcontrol.wait) before its first
+                      load, as the GEMM kernels do
 
 Usage: python benchmarks/gemm.py [--quick] [--shapes 28672x4096,8192x8192] [--ms 1,8,32]
                                  [--methods jaxfp4_w4a16_packed,jaxfp4_w4a4_8x4_packed,read_floor]
@@ -229,9 +231,12 @@ def _clock(*deps):
 @functools.lru_cache(maxsize=4)
 def unrolled(call, r: int, nw: int, chain: bool = False, clock: bool = False):
     """The jitted function of R python-unrolled calls: call i gets acts[i] and
-    weights[i % nw]. chain: call i's activation passes through an optimization
-    barrier with call i-1's output, so XLA cannot fuse independent calls into one
-    kernel (horizontal fusion of elementwise ops); the barrier itself costs nothing.
+    weights[i % nw]. chain (--chain): call i's operands pass through an
+    optimization barrier with call i-1's output, so the calls are dependent, as a
+    model's are: XLA can neither run two at once nor fuse independent calls into
+    one kernel (horizontal fusion of elementwise ops); the barrier costs nothing.
+    (On an H100 chained and unchained rows agreed to 0.1 us: XLA runs the calls
+    one after another either way.)
     clock: it also returns (t0, t1), _clock() before every call (each call's
     operands pass through a barrier with t0) and after all of them.
     Cached, so that timing a call twice (time_calls, then device_time_calls)
@@ -245,7 +250,7 @@ def unrolled(call, r: int, nw: int, chain: bool = False, clock: bool = False):
             if clock:
                 (a, w), _ = lax.optimization_barrier(((a, w), t0))
             if chain and outs:
-                a, _ = lax.optimization_barrier((a, outs[-1]))
+                (a, w), _ = lax.optimization_barrier(((a, w), outs[-1]))
             outs.append(call(a, w))
         if clock:
             return outs, t0, _clock(*jax.tree.leaves(outs))
@@ -253,7 +258,7 @@ def unrolled(call, r: int, nw: int, chain: bool = False, clock: bool = False):
     return many
 
 
-TIMING = {"mode": "host"}  # "host" or "clock" (main() sets it from --timing)
+TIMING = {"mode": "host", "chain": False}  # main() sets them from --timing and --chain
 
 
 def clock_available() -> bool:
@@ -285,6 +290,7 @@ def time_calls(call, acts: list, weights: list, runs: int, big: bool = False, ch
     """Median seconds per call of `call(act, weight)`, R = len(acts) unrolled calls
     in one jit (see `unrolled`): on the GPU clock with TIMING "clock", else
     host-timed executions."""
+    chain = chain or TIMING["chain"]
     if TIMING["mode"] == "clock":
         return clock_calls(call, acts, weights, runs, chain)
     r = len(acts)
@@ -333,11 +339,14 @@ def device_time_calls(call, acts: list, weights: list, runs: int = 3, chain: boo
 
 
 def read_floor(nbytes: int, runs: int, r: int = 32) -> float:
-    """Median seconds per streaming read of `nbytes` weight bytes, r distinct buffers."""
+    """Median seconds per streaming read of `nbytes` weight bytes, r distinct
+    buffers, each call loading once the previous call's kernel has finished (as
+    a GEMM that reads what the kernel before it wrote must; loading before that
+    measured the same to 0.1 us on an H100: the floor kernel's own ramp is short)."""
     base = jax.random.bits(jax.random.key(1), (nbytes,), jnp.uint8)
     bufs = copies(base, max(r, n_copies(nbytes, 2)))  # one buffer per call
     stream = jax.ffi.ffi_call("jaxfp4_bench_stream_read", jax.ShapeDtypeStruct((1,), jnp.float32))
-    t = time_calls(lambda a, w: stream(w), [None] * len(bufs), bufs, runs)
+    t = time_calls(lambda a, w: stream(w, early=np.int32(0)), [None] * len(bufs), bufs, runs)
     del bufs, base
     return t
 
@@ -473,7 +482,8 @@ def tflops(m, n, k, us):
 def command_lines(env: dict, bw: float, argv: str, shapes, runs_by_shape: dict | None) -> list[str]:
     """The command (and git, copy bandwidth) behind each shape: one line when this
     run made them all, else one per earlier run merged in (--merge)."""
-    this = {"command": argv, "git": env["git"], "copy_tbps": round(bw / 1e12, 2), "timing": TIMING["mode"]}
+    this = {"command": argv, "git": env["git"], "copy_tbps": round(bw / 1e12, 2), "timing": TIMING["mode"],
+            "chain": TIMING["chain"]}
     runs = [(runs_by_shape or {}).get(f"{n}x{k}", this) for n, k in shapes]
     if all(r == this for r in runs):
         return [f"- command: `python benchmarks/gemm.py {argv}` (git {env['git']}; timing: {TIMING['mode']})"]
@@ -502,7 +512,8 @@ def write_report(env: dict, bw: float, results: list[Result], shapes, ms, out_di
              "an execution, or `host` (T(E2 executions) - T(E1)) / ((E2 - E1) R), host-synchronised once per "
              "batch of executions",
              "- `floor x`: time / read-floor time (the same NVFP4 weight bytes streamed by "
-             "jaxfp4_bench_stream_read), M <= 32 only; `vs bf16` and `vs best other`: speed-up "
+             "jaxfp4_bench_stream_read, each call loading once the previous call's kernel has finished, as "
+             "the GEMM kernels do), M <= 32 only; `vs bf16` and `vs best other`: speed-up "
              "(other time / this time) over xla_bf16 and over the fastest non-jaxfp4 method of the row",
              "- jax_scaled_matmul gets pre-quantized activations (its quantization is NOT timed); "
              "jaxfp4 W4A4 quantizes activations (static g_a) inside the timed region",
@@ -654,9 +665,13 @@ def main(argv=None) -> int:
     ap.add_argument("--timing", choices=("auto", "clock", "host"), default="auto",
                     help="clock: the GPU's clock around each execution's R calls (jaxfp4_bench_clock); "
                          "host: host-timed executions; auto (default): clock where available")
+    ap.add_argument("--chain", action="store_true",
+                    help="every call's operands wait for the previous call's output (dependent calls, as "
+                         "in a model), so no two calls of a row run concurrently")
     args = ap.parse_args(argv)
     if args.timing == "clock" and not clock_available():
         ap.error("--timing clock needs a GPU and a jaxfp4 build with CUDA kernels")
+    TIMING["chain"] = args.chain
     TIMING["mode"] = "clock" if args.timing == "clock" or (args.timing == "auto" and clock_available()) else "host"
     smoke = args.smoke
     shapes = (parse_shapes(args.shapes) if args.shapes else SMOKE_SHAPES if smoke
@@ -683,7 +698,8 @@ def main(argv=None) -> int:
         done = list(dict.fromkeys(r.shape for r in results))  # in the order they were measured
         print(f"# --merge: kept {len(results)} results of shapes {done}", flush=True)
     calls = (lambda m: 2) if smoke else calls_for
-    this_run = {"command": cmdline, "git": env["git"], "copy_tbps": round(bw / 1e12, 2), "timing": TIMING["mode"]}
+    this_run = {"command": cmdline, "git": env["git"], "copy_tbps": round(bw / 1e12, 2), "timing": TIMING["mode"],
+                "chain": TIMING["chain"]}
     for i, (n, k) in enumerate(shapes):
         print(f"## N={n} K={k}", flush=True)
         results += bench_shape(n, k, ms, methods, runs, args.allow_fallback, lambda s: print(s, flush=True),

@@ -610,11 +610,11 @@ static void bench(bool quick) {
       auto one_pass = [&](int c) {
         const int64_t n16 = static_cast<int64_t>(wbytes) / 16;
         int64_t blocks = std::min<int64_t>((n16 + 511) / 512, static_cast<int64_t>(jaxfp4::sm_count()) * 2);
-        stream_read_kernel<<<static_cast<unsigned>(blocks), 512>>>(W[c], static_cast<int64_t>(wbytes), dsum);
+        stream_read_kernel<<<static_cast<unsigned>(blocks), 512>>>(W[c], static_cast<int64_t>(wbytes), dsum, 0);
         const int64_t s16 = static_cast<int64_t>(sbytes) / 16;
         blocks = std::min<int64_t>((s16 + 511) / 512, static_cast<int64_t>(jaxfp4::sm_count()) * 2);
         stream_read_kernel<<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), 512>>>(
-            S[c], static_cast<int64_t>(sbytes), dsum);
+            S[c], static_cast<int64_t>(sbytes), dsum, 0);
       };
       for (int i = 0; i < copies; ++i) one_pass(i);
       CK(cudaEventRecord(e0));
@@ -630,13 +630,13 @@ static void bench(bool quick) {
       for (int i = 0; i < copies; ++i) {
         const int64_t n16 = static_cast<int64_t>(wbytes) / 16;
         stream_read_kernel<<<static_cast<unsigned>(std::min<int64_t>((n16 + 511) / 512, jaxfp4::sm_count() * 2)), 512>>>(
-            W[i], static_cast<int64_t>(wbytes), dsum);
+            W[i], static_cast<int64_t>(wbytes), dsum, 0);
       }
       CK(cudaEventRecord(e0));
       for (int i = 0; i < iters; ++i) {
         const int64_t n16 = static_cast<int64_t>(wbytes) / 16;
         stream_read_kernel<<<static_cast<unsigned>(std::min<int64_t>((n16 + 511) / 512, jaxfp4::sm_count() * 2)), 512>>>(
-            W[i % copies], static_cast<int64_t>(wbytes), dsum);
+            W[i % copies], static_cast<int64_t>(wbytes), dsum, 0);
       }
       CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1));
@@ -851,7 +851,7 @@ static void trace_exp() {
       const int64_t n16 = static_cast<int64_t>(wc.wbytes + wc.sbytes) / 16;
       CK(cudaEventRecord(e0));
       stream_read_kernel<<<static_cast<unsigned>(std::min<int64_t>((n16 + 511) / 512, jaxfp4::sm_count() * 2)),
-                           512>>>(wc.W[c], static_cast<int64_t>(wc.wbytes), dsum);
+                           512>>>(wc.W[c], static_cast<int64_t>(wc.wbytes), dsum, 0);
       CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1));
       float ms;

@@ -2,7 +2,14 @@
 // that only streams a byte buffer (the weight bytes) through the SMs, with
 // 16-byte loads, a persistent grid sized to the multiprocessors and several
 // loads in flight per thread. Target `jaxfp4_bench_stream_read`:
-//   x U8 [any shape] -> out F32 [R] (R >= 1; any shape with R elements).
+//   x U8 [any shape] -> out F32 [R] (R >= 1; any shape with R elements);
+//   attribute early (int32): 0 (the protocol's floor): a launch waits for the
+//   kernel before it (griddepcontrol.wait) before its first load, as the packed
+//   GEMM's copies do, so every launch pays its own ramp-up and tail, the "fixed
+//   ramp-up and tail of a few microseconds per launch" the protocol's floor
+//   figures include; 1: it streams before that wait, overlapping the previous
+//   launch's tail (back-to-back calls then run at the copy bandwidth; a GEMM can
+//   do that only with weights it knows no kernel before it writes).
 // The kernel runs R times back to back, launch i writing out[i]: with R > 1
 // one custom call is a chain of launches, which shows whether launches inside
 // one call overlap (programmatic dependent launch) where separate calls do not.
@@ -48,13 +55,13 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 }
 
 __global__ void __launch_bounds__(kThreads) stream_read_kernel(const uint8_t* __restrict__ x, int64_t n,
-                                                                float* __restrict__ out) {
-  // Launched like the packed GEMM (a programmatic dependent launch, device.cuh),
-  // so that back-to-back calls overlap at least as much: it lets the next one
-  // start early and streams before waiting for the previous one, where the
-  // GEMM only prefetches into L2 before its wait. (So the checksum may see
-  // bytes the previous kernel is still writing; it means nothing anyway.)
+                                                                float* __restrict__ out, int early) {
+  // Launched like the packed GEMM (a programmatic dependent launch, device.cuh):
+  // the next launch may start its set-up while this one runs. early: the loads
+  // do not wait for the previous kernel (so the checksum may see bytes it is
+  // still writing; the value means nothing anyway).
   allow_dependent_launch();
+  if (!early) grid_dependency_wait();
   const int64_t n16 = n / 16;
   const uint4* v = reinterpret_cast<const uint4*>(x);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -88,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) stream_read_kernel(const uint8_t* __
   }
 }
 
-ffi::Error BenchStreamReadImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error BenchStreamReadImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out, int32_t early) {
   if (x.element_type() != ffi::DataType::U8) {
     return ffi::Error::InvalidArgument("jaxfp4_bench_stream_read: x must be U8");
   }
@@ -107,7 +114,7 @@ ffi::Error BenchStreamReadImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Resul
   for (int64_t i = 0; i < static_cast<int64_t>(out->element_count()) && err == cudaSuccess; ++i) {
     err = launch_dependent(stream_read_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
                            static_cast<const uint8_t*>(x.untyped_data()), n,
-                           static_cast<float*>(out->untyped_data()) + i);
+                           static_cast<float*>(out->untyped_data()) + i, static_cast<int>(early != 0));
   }
   if (err != cudaSuccess) {
     return ffi::Error::Internal(std::string("jaxfp4_bench_stream_read launch: ") + cudaGetErrorString(err));
@@ -142,7 +149,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4BenchStreamReadCuda, jaxfp4::BenchStreamRead
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()   // x U8 (the weight bytes)
-                                  .Ret<ffi::AnyBuffer>(),  // out F32 [R]: R launches
+                                  .Ret<ffi::AnyBuffer>()   // out F32 [R]: R launches
+                                  .Attr<int32_t>("early"),  // 1: loads before griddepcontrol.wait
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFp4BenchClockCuda, jaxfp4::BenchClockImpl,
