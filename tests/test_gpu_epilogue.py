@@ -57,7 +57,11 @@ def assert_swiglu_close(got, product):
     under = gate < -87
     assert (np.abs(got - want) <= np.abs(want))[under].all()
     np.testing.assert_allclose(got[~under], want[~under], rtol=2.0 ** -7, atol=0)
-    assert np.mean(got[~under] != want[~under]) < 0.005, "more than a few last-bit differences"
+    # Last-bit flips (float32 with fast exp against float64, each rounded to bf16) are
+    # rare: at most 0.5% of the outputs, or 2 where there are few (M = 1: 200 outputs,
+    # where one flip was 0.53%; seed 878793525).
+    flips = np.count_nonzero(got[~under] != want[~under])
+    assert flips <= max(2, 0.005 * got[~under].size), f"{flips} last-bit differences"
 
 
 def _run(fn, *args):
