@@ -57,6 +57,12 @@ struct Params {
   int32_t chunks_per_warp;  // plain: a warp's chunks per group; packed: per warp and ring item
   int32_t items;            // packed: ring items per group
   int32_t a_sf_layout, b_sf_layout;
+  // 1: no kernel launched before this one in its call writes the weights (a
+  // later link of jaxfp4_gemm_chain), so the packed kernel's producer copies
+  // them before griddepcontrol.wait. 0 (any other launch): after it. Beside
+  // b, tiles and items: the producer reads it before its first copy, and a
+  // launch's parameters miss the constant cache at first (see Prologue).
+  int32_t weights_ready = 0;
   int64_t a_stride;         // per batch entry: elements (W4A16) or bytes (W4A4)
   int64_t a_sf_stride;      // bytes per batch entry (W4A4)
   int64_t b_stride, b_sf_stride;  // bytes per batch entry
@@ -77,10 +83,6 @@ struct Params {
   __nv_bfloat16* k_cache = nullptr;
   __nv_bfloat16* v_cache = nullptr;
   int32_t heads = 0, kv_heads = 0, head_dim = 0, kv_rows = 0;
-  // 1: no kernel launched before this one in its call writes the weights (a
-  // later link of jaxfp4_gemm_chain), so the packed kernel's producer copies
-  // them before griddepcontrol.wait. 0 (any other launch): after it.
-  int32_t weights_ready = 0;
 };
 
 // ---- device helpers -----------------------------------------------------------
@@ -521,8 +523,11 @@ struct Prologue {
 
   __device__ __forceinline__ Prologue(const Params& p, int warp, int g, int t) {
     z = blockIdx.z;
-    ia = p.map.a_index(z);
-    ib = p.map.b_index(z);
+    // Entry 0 is entry 0 of every operand: no branch on p.map.rank there, so
+    // the kernel's first parameter loads are not held behind one round trip
+    // (a launch's parameters miss the constant cache at first).
+    ia = z == 0 ? 0 : p.map.a_index(z);
+    ib = z == 0 ? 0 : p.map.b_index(z);
     m0 = blockIdx.y * (8 * NT);
     const int64_t groups = (static_cast<int64_t>(p.tiles) + kTPW - 1) / kTPW;
     int g_end;

@@ -313,10 +313,33 @@ __device__ __forceinline__ void fence_mbar_init() {
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
+// Weights are read once: their lines go first when L2 needs room, so the
+// stream does not push out what the next call reads again at its start (its
+// code, parameters and activations; the previous layer's outputs). H100
+// driver, back to back without PDL (as between XLA's calls): M = 16 4096x14336
+// 18.2 -> 16.6 us, 28672x4096 32.9 -> 31.8; M = 1 -0.5 to -0.9 us
+// (benchmarks/kernel/NOTES.md, session 20).
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar, uint64_t pol) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+      :
+      : "r"(dst), "l"(src), "r"(bytes), "r"(bar), "l"(pol)
+      : "memory");
+}
+// Asks L2 for this CTA's 1/gridDim share of `bytes` bytes at `base` (a hint:
+// a share not 16-byte aligned is skipped, a tail under 16 bytes not asked for).
+__device__ __forceinline__ void prefetch_l2_share(const void* base, int64_t bytes) {
+  const int64_t part = ((bytes + gridDim.x - 1) / gridDim.x + 15) & ~int64_t{15};
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * part;
+  const int64_t len = min(part, bytes - start) & ~int64_t{15};
+  const char* src = static_cast<const char*>(base) + start;
+  if (len <= 0 || (reinterpret_cast<uintptr_t>(src) & 15) != 0) return;
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(static_cast<uint32_t>(len)) : "memory");
 }
 // Spins until the barrier's phase of parity `parity` has completed.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -432,6 +455,7 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
     // -> 9.1 (4096x4096, one item a CTA less to hide: 7.3 -> 7.5; H100 driver,
     // benchmarks/kernel/NOTES.md sessions 17 and 18).
     const int go_at = ACT == kActGlobal ? -1 : p.weights_ready ? JAXFP4_GO_AT_READY : 0;
+    const uint64_t pol = l2_evict_first_policy();
     int qi = 0;
     uint32_t ph = 1;  // parity to wait for on `empty`: a fresh barrier's previous phase counts as complete
     for (int n = 0; n < nitems; ++n) {
@@ -443,9 +467,21 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
       mbar_expect_tx(bar, w.ntp * w.nck * (kPackedChunkBytes + kPackedScaleBytes));
       for (int tp = 0; tp < w.ntp; ++tp) {
         const int64_t src = w.src + tp * tile_chunks;
-        bulk_copy(dst + tp * kSC * kPackedChunkBytes, b + src * kPackedChunkBytes, w.nck * kPackedChunkBytes, bar);
+        bulk_copy(dst + tp * kSC * kPackedChunkBytes, b + src * kPackedChunkBytes, w.nck * kPackedChunkBytes, bar, pol);
         bulk_copy(dst + kTPW * kSC * kPackedChunkBytes + tp * kSC * kPackedScaleBytes, b_sf + src * kPackedScaleBytes,
-                  w.nck * kPackedScaleBytes, bar);
+                  w.nck * kPackedScaleBytes, bar, pol);
+      }
+      if (ACT == kActGlobal && n == 0 && !p.weights_ready) {
+        // Every CTA reads all of its token block's activation rows, item by
+        // item in the same K order; where they are not in L2 yet (written
+        // long before, or a fresh input) each item's first reads wait on
+        // HBM. So the grid asks for them at once, a share per CTA, behind
+        // the first item's copies (a chain's later link reads the previous
+        // link's output, already in L2).
+        const int rows = min(p.M - pro.m0, 8 * NT);
+        const int64_t row_bytes = A4 ? p.K / 2 : int64_t{2} * p.K;
+        prefetch_l2_share(static_cast<const uint8_t*>(p.a) + pro.ia * p.a_stride * (A4 ? 1 : 2) + pro.m0 * row_bytes,
+                          rows * row_bytes);
       }
       if (++qi == S) {
         qi = 0;
