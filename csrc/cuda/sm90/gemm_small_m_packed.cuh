@@ -471,13 +471,17 @@ __global__ void __launch_bounds__((PkCfg<NT>::kWarps + 1) * 32, 1) gemm_packed_k
         bulk_copy(dst + kTPW * kSC * kPackedChunkBytes + tp * kSC * kPackedScaleBytes, b_sf + src * kPackedScaleBytes,
                   w.nck * kPackedScaleBytes, bar, pol);
       }
-      if (ACT == kActGlobal && n == 0 && !p.weights_ready) {
+      if (ACT == kActGlobal && NT <= 2 && n == 0 && !p.weights_ready) {
         // Every CTA reads all of its token block's activation rows, item by
         // item in the same K order; where they are not in L2 yet (written
         // long before, or a fresh input) each item's first reads wait on
         // HBM. So the grid asks for them at once, a share per CTA, behind
         // the first item's copies (a chain's later link reads the previous
-        // link's output, already in L2).
+        // link's output, already in L2). H100 protocol (cold activations):
+        // W4A16 M = 16 4096x14336 18.3 -> 16.2 us, 28672x4096 32.4 -> 31.2;
+        // M = 1-8 up to -1.5%. Not at 4 token tiles: there the decode example
+        // (warm activations) ran 5% slower with it at batch 32 (3.54 -> 3.71
+        // ms a token, same run), though the protocol's M = 32 gained 3-5%.
         const int rows = min(p.M - pro.m0, 8 * NT);
         const int64_t row_bytes = A4 ? p.K / 2 : int64_t{2} * p.K;
         prefetch_l2_share(static_cast<const uint8_t*>(p.a) + pro.ia * p.a_stride * (A4 ? 1 : 2) + pro.m0 * row_bytes,
